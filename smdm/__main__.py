@@ -1,0 +1,5 @@
+import sys
+
+from smdm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""The masked-diffusion math (Nie et al. 2025, Eq. 3-4) and the autoregressive loss beside it.
+
+Forward process: each token is replaced by [MASK] independently with probability p(t) = (1 - eps)·t + eps, t ~ U(0, 1).
+Loss: sum over masked positions of -log p_theta(x_i | x_t) / p(t), divided by batch × length. Its expectation over
+t and the masks upper-bounds the negative log-likelihood per token (the ELBO), so it is comparable to an ARM's NLL.
+
+Pure functions of tensors. Random draws come from a CPU `torch.Generator` and are then moved to the
+tokens' device, so a seed gives the same masks on every device and a resumed run can replay them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MASK_EPS = 1e-3
+
+
+def sample_times(batch_size: int, generator: torch.Generator | None = None, low_discrepancy: bool = False) -> torch.Tensor:
+    """t in [0, 1) per example; low-discrepancy draws t_i = (u + i/B) mod 1, one per stratum, which lowers variance."""
+    if low_discrepancy:
+        u = torch.rand(1, generator=generator)
+        return (u + torch.arange(batch_size) / batch_size) % 1.0
+    return torch.rand(batch_size, generator=generator)
+
+
+def mask_probability(t: torch.Tensor, eps: float = MASK_EPS) -> torch.Tensor:
+    """p(t) = (1 - eps)·t + eps: never zero, so the 1/p weight stays finite."""
+    return (1.0 - eps) * t + eps
+
+
+def forward_process(tokens: torch.Tensor, mask_prob: torch.Tensor, mask_id: int,
+                    generator: torch.Generator | None = None,
+                    maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each token with its row's probability; returns (noisy tokens, boolean mask of masked positions).
+
+    `maskable` (same shape as tokens) restricts masking to some positions, e.g. the response in SFT.
+    """
+    draws = torch.rand(tokens.shape, generator=generator).to(tokens.device)
+    masked = draws < mask_prob.to(tokens.device)[:, None]
+    if maskable is not None:
+        masked &= maskable
+    noisy = torch.where(masked, torch.full_like(tokens, mask_id), tokens)
+    return noisy, masked
+
+
+def mdm_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, mask_prob: torch.Tensor,
+             normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """sum over masked positions of CE / p, divided by `normalizer` (default batch × length)."""
+    token_ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    weights = masked.float() / mask_prob.to(logits.device)[:, None]
+    if normalizer is None:
+        normalizer = targets.numel()
+    return (token_ce * weights).sum() / normalizer
+
+
+def arm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; logits[:, i] predicts targets[:, i]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def mdm_step_loss(model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator | None = None,
+                  low_discrepancy: bool = False, eps: float = MASK_EPS) -> torch.Tensor:
+    """One Monte-Carlo draw of the MDM loss for a batch of clean token blocks."""
+    t = sample_times(tokens.size(0), generator, low_discrepancy)
+    mask_prob = mask_probability(t, eps)
+    noisy, masked = forward_process(tokens, mask_prob, model.mask_id, generator)
+    return mdm_loss(model(noisy), tokens, masked, mask_prob)
+
+
+def arm_step_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token loss on a block: predict tokens[1:] from tokens[:-1]."""
+    return arm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+
+
+def random_length(tokens: torch.Tensor, probability: float, generator: torch.Generator | None = None,
+                  min_length: int = 1) -> torch.Tensor:
+    """With the given probability cut the whole batch to a random length in [min_length, L] (the paper: 1%, [1, L]).
+
+    Training only on full blocks leaves the model unused to short inputs; an occasional short batch fixes that.
+    """
+    if probability <= 0:
+        return tokens
+    if torch.rand(1, generator=generator).item() >= probability:
+        return tokens
+    length = int(torch.randint(min_length, tokens.size(1) + 1, (1,), generator=generator))
+    return tokens[:, :length]
