@@ -1,0 +1,165 @@
+"""Checkpoints: safetensors weights + JSON metadata + training state, written atomically.
+
+A checkpoint is a directory:
+  model.safetensors   weights (our parameter names)
+  config.json         format tag, model config, objective, tokenizer fingerprint, sha256 of the weights
+  state.pt            optional: optimizer, RNG and data-position state for an exact resume
+  tokenizer.*         a copy of the tokenizer file, so a checkpoint is usable on its own
+Writes go to a temporary sibling directory that replaces the old one only once complete, so a crash or a full
+disk mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from smdm.config import ModelConfig
+from smdm.errors import SmdmError
+from smdm.model import Transformer
+
+FORMAT = "smdm-checkpoint-v1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint directory holds, loaded."""
+
+    model: Transformer
+    config: ModelConfig
+    meta: dict[str, Any]
+    path: Path
+    train_state: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        """The tokenizer copy stored beside the weights, if any."""
+        name = self.meta.get("tokenizer", {}).get("file")
+        return self.path / name if name else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a fully written tmp_dir to final_dir, replacing any previous one with no window of loss."""
+    old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+    if final_dir.exists():
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(directory: str | Path, model: torch.nn.Module, config: ModelConfig, meta: dict[str, Any],
+                    train_state: dict[str, Any] | None = None, tokenizer_file: str | Path | None = None) -> Path:
+    """Write a checkpoint atomically; `meta` must say at least the objective ("mdm" or "arm")."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
+        save_file(weights, str(tmp / WEIGHTS_FILE))
+        meta = dict(meta)
+        if tokenizer_file is not None:
+            tokenizer_file = Path(tokenizer_file)
+            shutil.copyfile(tokenizer_file, tmp / tokenizer_file.name)
+            meta["tokenizer"] = {**meta.get("tokenizer", {}), "file": tokenizer_file.name}
+        record = {"format": FORMAT, "model": config.to_dict(), "weights_sha256": _sha256(tmp / WEIGHTS_FILE), **meta}
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+        if train_state is not None:
+            torch.save(train_state, tmp / STATE_FILE)
+        atomic_replace_dir(tmp, directory)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SmdmError(f"could not save checkpoint to {directory}: {error.strerror or error}; "
+                        "the previous checkpoint is intact") from error
+    return directory
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """Accept a checkpoint directory or a run directory (its `checkpoint/`), recovering from an interrupted swap."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoint"):
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate
+        leftovers = sorted(candidate.parent.glob(f".{candidate.name}.old-*"))
+        if not candidate.exists() and leftovers and (leftovers[-1] / CONFIG_FILE).is_file():
+            os.replace(leftovers[-1], candidate)  # killed between the two renames of atomic_replace_dir
+            return candidate
+    raise SmdmError(f"{path}: no smdm checkpoint here (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The config.json of a checkpoint, validated as ours."""
+    directory = resolve_checkpoint_dir(path)
+    try:
+        record = json.loads((directory / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SmdmError(f"{directory / CONFIG_FILE}: corrupted checkpoint metadata ({error})") from error
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise SmdmError(f"{directory}: not an {FORMAT} checkpoint (another architecture or tool?); "
+                        "for ML-GSAI/SMDM weights use `smdm import-smdm`")
+    return record
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", with_train_state: bool = False,
+                    verify: bool = True) -> Checkpoint:
+    """Load a checkpoint (directory or run directory) into a ready model in eval mode."""
+    directory = resolve_checkpoint_dir(path)
+    record = read_checkpoint_meta(directory)
+    config = ModelConfig.from_dict(record["model"])
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise SmdmError(f"{directory}: {WEIGHTS_FILE} is missing")
+    if verify and record.get("weights_sha256") and _sha256(weights_path) != record["weights_sha256"]:
+        raise SmdmError(f"{weights_path}: checksum mismatch, the checkpoint is corrupted or truncated")
+    try:
+        weights = load_file(str(weights_path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise SmdmError(f"{weights_path}: corrupted or truncated checkpoint ({error})") from error
+    model = Transformer(config, causal=record.get("objective") == "arm")
+    load_weights(model, weights, source=str(weights_path))
+    model.to(device).eval()
+    train_state = None
+    if with_train_state and (directory / STATE_FILE).is_file():
+        try:
+            train_state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types for a damaged pickle
+            raise SmdmError(f"{directory / STATE_FILE}: corrupted training state ({error})") from error
+    meta = {k: v for k, v in record.items() if k not in ("model", "format")}
+    return Checkpoint(model=model, config=config, meta=meta, path=directory, train_state=train_state)
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load weights, turning a key or shape mismatch into one readable error."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise SmdmError(f"{source}: weights do not match the model architecture ({detail})")
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise SmdmError(f"{source}: {name} has shape {tuple(tensor.shape)}, "
+                            f"the model expects {tuple(expected[name].shape)}")
+    model.load_state_dict(weights)

@@ -1,0 +1,247 @@
+"""The `smdm` command: a thin shell over library functions. Errors become one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Sequence
+
+from smdm.errors import SmdmError
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    from smdm.train import TrainConfig
+
+    defaults = TrainConfig(data_dir="", out_dir="")
+    parser.add_argument("--data", required=True, help="directory written by `smdm prepare`")
+    parser.add_argument("--out", required=True, help="run directory (metrics, checkpoint, summary)")
+    parser.add_argument("--model", default=defaults.model, help="named config, see `smdm configs`")
+    parser.add_argument("--objective", choices=["mdm", "arm"], default=defaults.objective)
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--max-steps", type=int)
+    budget.add_argument("--max-tokens", type=int)
+    budget.add_argument("--flops", type=float, help="compute budget C = 6·N·D")
+    for name in ("seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+                 "grad_clip", "random_length_prob", "eval_every", "eval_blocks", "eval_mc_samples", "save_every",
+                 "log_every", "seed", "threads"):
+        default = getattr(defaults, name)
+        kind = float if isinstance(default, float) or name in ("lr",) else int
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
+    parser.add_argument("--low-discrepancy", action="store_true", help="stratified t across each batch")
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=defaults.dtype)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if present")
+    parser.add_argument("--init-from", help="start from the weights of this checkpoint")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from smdm.train import TrainConfig, train
+
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    summary = train(TrainConfig(data_dir=args.data, out_dir=args.out, progress=not args.no_progress,
+                                **{k: v for k, v in values.items() if k not in ("data_dir", "out_dir", "progress")}))
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from smdm.data.prepare import read_documents
+    from smdm.tokenizer import train_bpe
+
+    tokenizer = train_bpe(read_documents([Path(p) for p in args.input], text_field=args.text_field),
+                          args.vocab_size, args.out)
+    print(f"trained byte-level BPE with {tokenizer.vocab_size} tokens -> {args.out}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from smdm.data.prepare import PrepareConfig, prepare_corpus
+    from smdm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(args.tokenizer)
+    config = PrepareConfig(val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field)
+    manifest = prepare_corpus([Path(p) for p in args.input], tokenizer, Path(args.out), config)
+    splits = manifest["splits"]
+    print(f"{args.out}: train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} tokens "
+          f"({manifest['dtype']})")
+
+
+def _load_for_inference(path: str, tokenizer_path: str | None, device: str):
+    from smdm.checkpoint import load_checkpoint
+    from smdm.tokenizer import Tokenizer
+    from smdm.train import resolve_device
+
+    checkpoint = load_checkpoint(path, device=resolve_device(device))
+    source = tokenizer_path or checkpoint.tokenizer_path
+    if source is None:
+        raise SmdmError(f"{path}: no tokenizer stored with the checkpoint; pass --tokenizer")
+    tokenizer = Tokenizer.from_file(source)
+    if tokenizer.vocab_size != checkpoint.config.vocab_size:
+        raise SmdmError(f"tokenizer {source} has {tokenizer.vocab_size} tokens but the model expects "
+                        f"{checkpoint.config.vocab_size}")
+    return checkpoint, tokenizer
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from smdm.sample import generate, truncate_at_eos
+
+    checkpoint, tokenizer = _load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    prompts = args.prompt or [""]
+    generator = torch.Generator().manual_seed(args.seed)
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, bos=tokenizer.bos_id is not None and args.bos)
+        if checkpoint.model.causal and not ids:
+            ids = [tokenizer.eos_id]  # an ARM starts a fresh document after an EOS
+        on_step = None
+        if args.show_steps:
+            def on_step(step: int, x: "torch.Tensor", n=len(ids)) -> None:
+                print(f"[step {step + 1:>3}] {tokenizer.decode(x[0, n:].tolist())!r}")
+        out = generate(checkpoint.model, torch.tensor(ids, dtype=torch.long), args.length, args.steps,
+                       args.temperature, generator, on_step)
+        completion = truncate_at_eos(out[0, len(ids):].tolist(), tokenizer.eos_id)
+        print(json.dumps({"prompt": prompt, "completion": tokenizer.decode(completion)}, ensure_ascii=False))
+
+
+def cmd_likelihood(args: argparse.Namespace) -> None:
+    import torch
+
+    from smdm.likelihood import sequence_nll
+
+    checkpoint, tokenizer = _load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    ids = tokenizer.encode(args.text)
+    if not ids:
+        raise SmdmError("the text is empty")
+    nll, stderr = sequence_nll(checkpoint.model, torch.tensor(ids), mc_samples=args.mc_samples, seed=args.seed)
+    print(json.dumps({"tokens": len(ids), "nll_nats": nll, "stderr": stderr, "nats_per_token": nll / len(ids)}))
+
+
+def cmd_configs(args: argparse.Namespace) -> None:
+    from smdm.config import CONFIGS, non_embedding_params, total_params
+
+    print(f"{'name':<12} {'layers':>6} {'heads':>5} {'width':>5} {'mlp':>6} {'block':>5} {'non-emb':>9} {'total':>9}")
+    for name, c in CONFIGS.items():
+        print(f"{name:<12} {c.n_layer:>6} {c.n_head:>5} {c.n_embd:>5} {c.intermediate_size:>6} {c.block_size:>5} "
+              f"{non_embedding_params(c) / 1e6:>8.1f}M {total_params(c) / 1e6:>8.1f}M")
+
+
+def cmd_import_smdm(args: argparse.Namespace) -> None:
+    from smdm.checkpoint import save_checkpoint
+    from smdm.convert import load_smdm_checkpoint
+    from smdm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(args.tokenizer)
+    model, config = load_smdm_checkpoint(args.weights, args.config)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise SmdmError(f"tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens, {args.config} expects "
+                        f"{config.vocab_size}")
+    meta = {"objective": args.objective, "imported_from": str(args.weights),
+            "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+                          "eos_id": tokenizer.eos_id}}
+    save_checkpoint(args.out, model, config, meta, tokenizer_file=tokenizer.path)
+    print(f"imported {args.weights} ({args.config}) -> {args.out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from smdm.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(work_dir=Path(args.work_dir), corpus=[Path(p) for p in args.corpus] or None,
+                        max_steps=args.max_steps, model=args.model, threads=args.threads))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; exposed for tests and documentation."""
+    parser = argparse.ArgumentParser(prog="smdm", description="Masked diffusion language models (and matched ARMs).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train a small MDM on the embedded corpus, then sample and score text")
+    p.add_argument("--work-dir", default="runs/demo")
+    p.add_argument("--corpus", nargs="*", default=[], help="text/jsonl files to use instead of the embedded corpus")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tok.add_parser("train", help="train a byte-level BPE on a corpus")
+    t.add_argument("--input", nargs="+", required=True)
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--text-field", default="text")
+    t.add_argument("--out", required=True, help="path of the tokenizer.json to write")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("prepare", help="tokenize text/jsonl into token shards with a train/val split")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json, SentencePiece .model, or a directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="pre-train an MDM or an ARM")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", action="append", help="repeatable; default: unconditional")
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--steps", type=int, default=None, help="MDM denoising steps (default: length)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--tokenizer")
+    p.add_argument("--bos", action="store_true", help="prepend BOS to prompts")
+    p.add_argument("--show-steps", action="store_true", help="print the sequence as it is unmasked")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("likelihood", help="NLL of a text (MDM: Monte-Carlo ELBO bound; ARM: exact)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--text", required=True)
+    p.add_argument("--mc-samples", type=int, default=128)
+    p.add_argument("--tokenizer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_likelihood)
+
+    p = sub.add_parser("configs", help="list the named model configs")
+    p.set_defaults(func=cmd_configs)
+
+    p = sub.add_parser("import-smdm", help="convert an ML-GSAI/SMDM checkpoint into an smdm checkpoint")
+    p.add_argument("--weights", required=True, help=".safetensors or .pth in lit-gpt layout")
+    p.add_argument("--config", required=True, help="e.g. smdm-1028m")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with")
+    p.add_argument("--objective", choices=["mdm", "arm"], default="mdm")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_import_smdm)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `smdm` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SmdmError as error:
+        print(f"smdm: error: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        print(f"smdm: error: {error.filename or error}: no such file or directory", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `smdm configs | head`
+        sys.stdout = open(os.devnull, "w")
+    except KeyboardInterrupt:
+        print("smdm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

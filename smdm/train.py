@@ -1,0 +1,328 @@
+"""ONE training loop for masked diffusion (MDM) and autoregressive (ARM) models.
+
+The objective is a switch, not a second script: both see the same data, schedule, optimizer and checkpoints,
+so MDM-vs-ARM comparisons are fair. Budgets come as steps, tokens or FLOPs (C = 6·N·D, N = non-embedding
+parameters, as the paper counts). A run directory holds `metrics.jsonl`, `checkpoint/` and `summary.json`;
+`resume=True` continues bit-exactly from the last checkpoint (weights, optimizer, data position, RNG).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from smdm.checkpoint import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
+from smdm.config import ModelConfig, non_embedding_params
+from smdm.data.packed import PackedDataset
+from smdm.diffusion import (
+    arm_step_loss, forward_process, mask_probability, mdm_loss, mdm_step_loss, random_length, sample_times,
+)
+from smdm.errors import SmdmError
+from smdm.model import Transformer
+
+Objective = Literal["mdm", "arm"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved in the run directory so a run can be inspected and resumed."""
+
+    data_dir: str
+    out_dir: str
+    model: str = "tiny-3m"
+    objective: Objective = "mdm"
+    seq_len: int | None = None  # default: the model's block size
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (the paper: 10%)
+    warmup_steps: int | None = None  # default: 1% of the run (the paper's recipe)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    flops: float | None = None  # C = 6·N·D
+    random_length_prob: float = 0.01  # fraction of batches cut to a random length
+    low_discrepancy: bool = False  # stratified t across a batch for the MDM training loss
+    eval_every: int = 100
+    eval_blocks: int = 32  # validation blocks
+    eval_mc_samples: int = 4  # MDM: mask draws averaged per validation block
+    eval_batch_size: int = 16
+    save_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    threads: int | None = None
+    resume: bool = False
+    init_from: str | None = None  # start from these weights (fine-tuning)
+    progress: bool = True
+
+    def validate(self) -> None:
+        budgets = [b for b in (self.max_steps, self.max_tokens, self.flops) if b is not None]
+        if len(budgets) != 1:
+            raise SmdmError("give exactly one budget: --max-steps, --max-tokens or --flops")
+        if any(b <= 0 for b in budgets):
+            raise SmdmError("the training budget must be positive")
+        if self.objective not in ("mdm", "arm"):
+            raise SmdmError(f"unknown objective {self.objective!r}; use mdm or arm")
+        for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "eval_blocks",
+                     "eval_mc_samples", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise SmdmError(f"{name} must be at least 1")
+        if not 0 <= self.random_length_prob <= 1:
+            raise SmdmError("random_length_prob must lie in [0, 1]")
+        if self.lr <= 0:
+            raise SmdmError("lr must be positive")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, dtype: str):
+    """bf16 autocast on GPU (fast and stable); fp32 on CPU, where bf16 matmul is about 2x slower."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr_ratio: float) -> float:
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at total_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def total_steps_for(config: TrainConfig, tokens_per_step: int, n_params: int) -> int:
+    """Optimizer steps implied by the budget; FLOPs use C = 6·N·D."""
+    if config.max_steps is not None:
+        return int(config.max_steps)
+    if config.max_tokens is not None:
+        tokens = config.max_tokens
+    else:
+        tokens = config.flops / (6 * n_params)
+    steps = int(tokens // tokens_per_step)
+    if steps < 1:
+        raise SmdmError(f"the budget covers {int(tokens)} tokens, less than one step of {tokens_per_step} tokens")
+    return steps
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int = 0) -> torch.Generator:
+    """The random stream of one micro-batch: a pure function of (seed, step, micro, rank), so a resume replays it."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 131 + rank)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm gains are not decayed)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
+                             fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, blocks: torch.Tensor, objective: Objective, mc_samples: int = 4,
+             batch_size: int = 16, device: torch.device | str = "cpu", dtype: str = "auto",
+             seed: int = 1234) -> float:
+    """Validation loss in nats/token. MDM: the ELBO bound averaged over mc_samples fixed mask draws per block."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with autocast_context(device, dtype):
+        for start in range(0, blocks.size(0), batch_size):
+            batch = blocks[start:start + batch_size].to(device)
+            if objective == "arm":
+                total += arm_step_loss(model, batch).item() * batch.size(0)
+                count += batch.size(0)
+                continue
+            for draw in range(mc_samples):
+                generator = torch.Generator().manual_seed(seed + 7919 * draw + start)
+                mask_prob = mask_probability(sample_times(batch.size(0), generator, low_discrepancy=True))
+                noisy, masked = forward_process(batch, mask_prob, model.mask_id, generator)
+                total += mdm_loss(model(noisy), batch, masked, mask_prob).item() * batch.size(0)
+                count += batch.size(0)
+    model.train(was_training)
+    return total / count
+
+
+class MetricsLog:
+    """Append-only JSONL log; on resume, rows past the checkpoint's step are dropped (they will be redone)."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None:
+            path.write_text("")
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def _iterate_steps(start: int, total: int, enabled: bool) -> Iterator[tuple[int, Any]]:
+    bar = tqdm(range(start, total), initial=start, total=total, disable=not enabled, unit="step", dynamic_ncols=True)
+    for step in bar:
+        yield step, bar
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) one training run; returns the summary also written to summary.json."""
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    out_dir = Path(config.out_dir)
+    checkpoint_dir = out_dir / "checkpoint"
+
+    train_data = PackedDataset(config.data_dir, "train", seq_len=1, seed=config.seed)  # probe the manifest
+    vocab_size = train_data.vocab_size
+    model_config = ModelConfig.from_name(config.model, vocab_size=vocab_size)
+    seq_len = config.seq_len or model_config.block_size
+    if seq_len > model_config.block_size:
+        raise SmdmError(f"seq_len {seq_len} is longer than the block size {model_config.block_size} of {config.model}")
+    # An ARM block carries one extra token so it predicts seq_len targets, like the MDM sees seq_len tokens.
+    block_len = seq_len + 1 if config.objective == "arm" else seq_len
+    train_data = PackedDataset(config.data_dir, "train", seq_len=block_len, seed=config.seed)
+    val_blocks = PackedDataset(config.data_dir, "val", seq_len=block_len, shuffle=False).blocks(config.eval_blocks)
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model = Transformer(model_config, causal=config.objective == "arm")
+    n_params = non_embedding_params(model_config)
+    tokens_per_step = config.batch_size * config.grad_accum * seq_len
+    total_steps = total_steps_for(config, tokens_per_step, n_params)
+    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 100)
+
+    tokenizer_info = train_data.manifest.get("tokenizer", {})
+    start_step, tokens_seen, train_state = 0, 0, None
+    if config.resume and _has_checkpoint(checkpoint_dir):
+        loaded = load_checkpoint(checkpoint_dir, with_train_state=True)
+        if loaded.meta.get("objective") != config.objective or loaded.config != model_config:
+            raise SmdmError(f"{checkpoint_dir}: checkpoint is a {loaded.meta.get('objective')} "
+                            f"{loaded.config.name}, not this run's {config.objective} {model_config.name}")
+        if loaded.meta.get("tokenizer", {}).get("fingerprint") != tokenizer_info.get("fingerprint"):
+            raise SmdmError(f"{checkpoint_dir}: checkpoint was trained with another tokenizer than {config.data_dir}")
+        model.load_state_dict(loaded.model.state_dict())
+        train_state = loaded.train_state
+        if train_state is None:
+            raise SmdmError(f"{checkpoint_dir}: no training state to resume from (state.pt missing)")
+    elif config.init_from:
+        loaded = load_checkpoint(config.init_from)
+        if loaded.config.vocab_size != vocab_size:
+            raise SmdmError(f"{config.init_from}: vocabulary {loaded.config.vocab_size} != data's {vocab_size}")
+        model = Transformer(loaded.config, causal=config.objective == "arm")
+        model.load_state_dict(loaded.model.state_dict())
+        model_config = loaded.config
+
+    model.to(device).train()
+    optimizer = make_optimizer(model, config, device)
+    if train_state is not None:
+        optimizer.load_state_dict(train_state["optimizer"])
+        train_data.load_state_dict(train_state["data"])
+        torch.set_rng_state(train_state["torch_rng"])
+        random.setstate(train_state["python_rng"])
+        start_step, tokens_seen = train_state["step"], train_state["tokens"]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start_step if train_state is not None else None)
+    meta = {
+        "objective": config.objective,
+        "tokenizer": {k: tokenizer_info.get(k) for k in ("fingerprint", "vocab_size", "eos_id")},
+        "non_embedding_params": n_params,
+    }
+    tokenizer_file = Path(tokenizer_info["path"]) if tokenizer_info.get("path") else None
+    if tokenizer_file is not None and not tokenizer_file.is_file():
+        tokenizer_file = None
+
+    def checkpoint(step: int, tokens: int) -> None:
+        state = {
+            "step": step, "tokens": tokens, "optimizer": optimizer.state_dict(), "data": train_data.state_dict(),
+            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+        }
+        save_checkpoint(checkpoint_dir, model, model_config, {**meta, "step": step, "tokens": tokens},
+                        train_state=state, tokenizer_file=tokenizer_file)
+
+    val_loss = None
+    window_start, window_tokens = time.perf_counter(), 0
+    loss_value = float("nan")
+    for step, bar in _iterate_steps(start_step, total_steps, config.progress):
+        lr = lr_at(step, total_steps, warmup, config.lr, config.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            generator = step_generator(config.seed, step, micro)
+            tokens = train_data.next_batch(config.batch_size)
+            tokens = random_length(tokens, config.random_length_prob, generator,
+                                   min_length=2 if config.objective == "arm" else 1).to(device)
+            with autocast_context(device, config.dtype):
+                if config.objective == "mdm":
+                    loss = mdm_step_loss(model, tokens, generator, config.low_discrepancy)
+                else:
+                    loss = arm_step_loss(model, tokens)
+            (loss / config.grad_accum).backward()
+            step_loss += loss.item() / config.grad_accum
+            window_tokens += tokens.size(0) * (tokens.size(1) - (config.objective == "arm"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += tokens_per_step
+        done = step + 1
+        if not math.isfinite(step_loss):
+            raise SmdmError(f"loss became {step_loss} at step {done}; lower the learning rate")
+        loss_value = step_loss if math.isnan(loss_value) else 0.9 * loss_value + 0.1 * step_loss
+        if done % config.log_every == 0 or done == total_steps:
+            elapsed = time.perf_counter() - window_start
+            tps = window_tokens / max(elapsed, 1e-9)
+            log.write({"step": done, "tokens": tokens_seen, "lr": lr, "loss": step_loss,
+                       "grad_norm": float(grad_norm), "tokens_per_s": tps})
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            window_start, window_tokens = time.perf_counter(), 0
+        if done % config.eval_every == 0 or done == total_steps:
+            val_loss = evaluate(model, val_blocks, config.objective, config.eval_mc_samples,
+                                config.eval_batch_size, device, config.dtype)
+            log.write({"step": done, "tokens": tokens_seen, "val_loss": val_loss})
+            bar.write(f"step {done}: val loss {val_loss:.4f} nats/token")
+        if done % config.save_every == 0 or done == total_steps:
+            checkpoint(done, tokens_seen)
+
+    if start_step >= total_steps and val_loss is None:
+        val_loss = evaluate(model, val_blocks, config.objective, config.eval_mc_samples,
+                            config.eval_batch_size, device, config.dtype)
+    summary = {
+        "objective": config.objective, "model": model_config.name, "non_embedding_params": n_params,
+        "steps": total_steps, "tokens": tokens_seen, "flops_6nd": 6.0 * n_params * tokens_seen,
+        "final_val_loss": val_loss, "checkpoint": str(checkpoint_dir),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _has_checkpoint(directory: Path) -> bool:
+    try:
+        resolve_checkpoint_dir(directory)
+        return True
+    except SmdmError:
+        return False
