@@ -1,0 +1,1 @@
+"""Tokenized-corpus preparation and the packed, resumable, rank-aware training stream."""

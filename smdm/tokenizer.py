@@ -1,0 +1,240 @@
+"""One tokenizer interface over HF `tokenizers` and SentencePiece, so data prep, training and sampling need not care."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from smdm.errors import SmdmError
+
+MASK_TEXT = "[MASK]"
+EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>")
+BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
+BPE_EOS = "<|endoftext|>"
+
+
+def _sha256_files(paths: Sequence[Path]) -> str:
+    """Hash the exact bytes the tokenizer was built from, so data and checkpoints can detect a swapped tokenizer."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _one_line(exc: BaseException) -> str:
+    """Collapse a backend exception to one line so SmdmError messages stay one line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
+
+
+class Tokenizer:
+    """Text <-> ids with the ids the model needs (EOS for packing/padding, an extra MASK id) in one place."""
+
+    def __init__(self, path: Path, files: Sequence[Path], backend: str, impl: object) -> None:
+        self.path = Path(path)
+        self.backend = backend  # "hf" or "sentencepiece"
+        self._impl = impl
+        self.fingerprint = _sha256_files(files)
+        if backend == "sentencepiece":
+            sp = impl
+            self.vocab_size = int(sp.get_piece_size())
+            eos = int(sp.eos_id())
+            if eos < 0:
+                raise SmdmError(f"{path}: SentencePiece model defines no EOS id; use a model trained with eos_id >= 0")
+            self.eos_id = eos
+            bos = int(sp.bos_id())
+            self.bos_id = bos if bos >= 0 else None
+            # Control pieces (<s>, </s>) decode to "" in sentencepiece; render them literally like HF does.
+            self._special_text = {i: sp.id_to_piece(i) for i in range(self.vocab_size) if sp.is_control(i)}
+        else:
+            tok = impl
+            self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
+            vocab = tok.get_vocab(with_added_tokens=True)
+            eos = next((vocab[t] for t in EOS_CANDIDATES if t in vocab), None)
+            if eos is None:
+                wanted = ", ".join(EOS_CANDIDATES)
+                raise SmdmError(f"{path}: no end-of-document token (one of {wanted}) in the vocabulary")
+            self.eos_id = int(eos)
+            bos = next((vocab[t] for t in BOS_CANDIDATES if t in vocab), None)
+            self.bos_id = int(bos) if bos is not None else None
+            self._special_text = {}
+        self.pad_id = self.eos_id
+        self.mask_id = self.vocab_size
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        """Load by file type so callers can pass whatever tokenizer artifact they have."""
+        p = Path(path)
+        if not p.exists():
+            raise SmdmError(
+                f"{p}: tokenizer not found; pass a tokenizer.json, a SentencePiece .model, or a directory with one"
+            )
+        if p.is_dir():
+            if (p / "tokenizer.json").is_file():
+                return cls._load_hf_json(p / "tokenizer.json")
+            if (p / "tokenizer.model").is_file():
+                return cls._load_sentencepiece(p / "tokenizer.model")
+            if (p / "encoder.json").is_file() and (p / "vocab.bpe").is_file():
+                return cls._load_gpt2_dir(p)
+            raise SmdmError(f"{p}: directory has no tokenizer.json, tokenizer.model, or encoder.json+vocab.bpe")
+        suffix = p.suffix.lower()
+        if suffix == ".json":
+            return cls._load_hf_json(p)
+        if suffix == ".model":
+            return cls._load_sentencepiece(p)
+        raise SmdmError(f"{p}: unknown tokenizer file type {suffix or '(none)'}; expected .json or .model")
+
+    @classmethod
+    def _load_hf_json(cls, p: Path) -> "Tokenizer":
+        """Load a HF tokenizer.json."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            tok = HFTokenizer.from_file(str(p))
+        except Exception as exc:  # tokenizers raises plain Exception on bad JSON
+            raise SmdmError(f"{p}: not a valid HF tokenizer.json ({_one_line(exc)})") from exc
+        return cls(p, [p], "hf", tok)
+
+    @classmethod
+    def _load_sentencepiece(cls, p: Path) -> "Tokenizer":
+        """Load a SentencePiece model (Llama / TinyLlama tokenizer)."""
+        import sentencepiece as spm
+
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(p))
+        except Exception as exc:
+            raise SmdmError(f"{p}: not a valid SentencePiece model ({_one_line(exc)})") from exc
+        return cls(p, [p], "sentencepiece", sp)
+
+    @classmethod
+    def _load_gpt2_dir(cls, p: Path) -> "Tokenizer":
+        """Load GPT-2 style encoder.json + vocab.bpe as byte-level BPE, exactly as GPT-2 tokenizes."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        enc, merges = p / "encoder.json", p / "vocab.bpe"
+        try:
+            model = models.BPE.from_file(str(enc), str(merges))
+            tok = HFTokenizer(model)
+        except Exception as exc:
+            raise SmdmError(f"{p}: encoder.json/vocab.bpe are not a valid BPE vocabulary ({_one_line(exc)})") from exc
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        vocab = tok.get_vocab(with_added_tokens=True)
+        specials = [t for t in EOS_CANDIDATES + BOS_CANDIDATES if t in vocab]
+        if specials:
+            tok.add_special_tokens(specials)  # keeps their existing ids; stops BPE from splitting them
+        return cls(p, [enc, merges], "hf", tok)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Raw ids (no post-processor specials), with BOS/EOS only where the caller asks."""
+        if self.backend == "sentencepiece":
+            ids = list(self._impl.encode(text))
+        else:
+            ids = list(self._impl.encode(text, add_special_tokens=False).ids)
+        if bos:
+            if self.bos_id is None:
+                raise SmdmError(f"{self.path}: tokenizer has no BOS token; encode with bos=False")
+            ids.insert(0, self.bos_id)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many documents at once; the backends parallelise this, which dominates data-prep time."""
+        if not texts:
+            return []
+        if self.backend == "sentencepiece":
+            return [list(x) for x in self._impl.encode(list(texts))]
+        return [list(e.ids) for e in self._impl.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _decode_run(self, ids: list[int]) -> str:
+        """Decode a run of ordinary ids."""
+        if self.backend == "sentencepiece":
+            return self._impl.decode(ids)
+        return self._impl.decode(ids, skip_special_tokens=False)
+
+    def _starts_with_space_marker(self, token_id: int) -> bool:
+        """Whether a token carries a word-initial space that a backend would strip at the start of a decode."""
+        if self.backend == "sentencepiece":
+            piece = self._impl.id_to_piece(token_id)
+        else:
+            piece = self._impl.id_to_token(token_id)
+        return bool(piece) and piece.startswith("\u2581")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text for ids, with mask ids (>= vocab_size) shown as "[MASK]" so partially denoised samples are readable."""
+        ids = [int(i) for i in ids]
+        parts: list[str] = []
+        run: list[int] = []
+
+        def flush() -> None:
+            if not run:
+                return
+            text = self._decode_run(run)
+            # SentencePiece/Metaspace drop the leading space of a decode; keep it when the run follows other text.
+            if parts and self._starts_with_space_marker(run[0]) and not text.startswith(" "):
+                text = " " + text
+            parts.append(text)
+            run.clear()
+
+        for i in ids:
+            if i >= self.vocab_size or i < 0:
+                flush()
+                parts.append(MASK_TEXT)
+            elif i in self._special_text:
+                flush()
+                parts.append(self._special_text[i])
+            else:
+                run.append(i)
+        flush()
+        return "".join(parts)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer({str(self.path)!r}, backend={self.backend}, "
+            f"vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+        )
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> Tokenizer:
+    """Train a byte-level BPE on the user's own corpus, so small demos need no downloaded tokenizer."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    min_size = len(alphabet) + 1
+    if vocab_size < min_size:
+        raise SmdmError(f"vocab_size {vocab_size} is too small for byte-level BPE; use at least {min_size}")
+    out = Path(out_path)
+    if out.suffix.lower() != ".json":
+        out = out / "tokenizer.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BPE_EOS],
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    if tok.token_to_id(BPE_EOS) != 0:
+        raise SmdmError(f"BPE training did not place {BPE_EOS} at id 0; this is a bug in smdm")
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        tok.save(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Tokenizer.from_file(out)

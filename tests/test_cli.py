@@ -1,0 +1,140 @@
+"""The CLI: every bad input is one line on stderr and exit code 2, nothing half-written; the happy path works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from smdm.checkpoint import save_checkpoint
+from smdm.cli import main
+from smdm.config import ModelConfig
+from smdm.model import Transformer
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("smdm: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture
+def tokenizer_file(toy_data):
+    return toy_data.parent / "tokenizer.json"
+
+
+def test_empty_corpus(capsys, tmp_path, tokenizer_file):
+    (tmp_path / "empty.txt").write_text("   \n")
+    code, _, err = run_cli(capsys, "prepare", "--input", str(tmp_path / "empty.txt"), "--tokenizer",
+                           str(tokenizer_file), "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_utf8_corpus(capsys, tmp_path, tokenizer_file):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    code, _, err = run_cli(capsys, "prepare", "--input", str(tmp_path / "latin1.txt"), "--tokenizer",
+                           str(tokenizer_file), "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "latin1.txt", "UTF-8")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_input_file(capsys, tmp_path, tokenizer_file):
+    code, _, err = run_cli(capsys, "prepare", "--input", str(tmp_path / "nope.txt"), "--tokenizer",
+                           str(tokenizer_file), "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "nope.txt")
+
+
+def test_unknown_config(capsys, tmp_path, toy_data):
+    code, _, err = run_cli(capsys, "train", "--data", str(toy_data), "--out", str(tmp_path / "run"),
+                           "--model", "smdm-7b", "--max-steps", "1")
+    assert_one_line_error(code, err, "smdm-7b")
+
+
+def test_sequence_longer_than_block_size(capsys, tmp_path, toy_data):
+    code, _, err = run_cli(capsys, "train", "--data", str(toy_data), "--out", str(tmp_path / "run"),
+                           "--model", "tiny-test", "--seq-len", "4096", "--max-steps", "1")
+    assert_one_line_error(code, err, "block size")
+
+
+def test_data_dir_not_prepared(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                           "--max-steps", "1")
+    assert_one_line_error(code, err, "prepare")
+
+
+@pytest.fixture
+def trained_checkpoint(toy_data, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", str(toy_data), "--out", str(tmp_path / "run"), "--model",
+                           "tiny-test", "--seq-len", "32", "--batch-size", "2", "--max-steps", "2", "--no-progress",
+                           "--threads", "1")
+    assert code == 0, err
+    return tmp_path / "run"
+
+
+def test_sample_and_likelihood_happy_path(capsys, trained_checkpoint):
+    code, out, err = run_cli(capsys, "sample", "--checkpoint", str(trained_checkpoint), "--prompt", "the cat",
+                             "--length", "8", "--steps", "4")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["prompt"] == "the cat"
+    code, out, err = run_cli(capsys, "likelihood", "--checkpoint", str(trained_checkpoint), "--text", "the dog sat",
+                             "--mc-samples", "8")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["nll_nats"] > 0 and result["stderr"] > 0
+
+
+def test_tokenizer_vocab_disagrees_with_checkpoint(capsys, tmp_path, trained_checkpoint):
+    from smdm.tokenizer import train_bpe
+
+    train_bpe(["some other text entirely, with other words"] * 20, 280, tmp_path / "other.json")
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(trained_checkpoint), "--tokenizer",
+                           str(tmp_path / "other.json"), "--length", "4")
+    assert_one_line_error(code, err, "tokens")
+
+
+def test_corrupted_checkpoint(capsys, trained_checkpoint):
+    weights = trained_checkpoint / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(trained_checkpoint), "--length", "4")
+    assert_one_line_error(code, err, "corrupted or truncated")
+
+
+def test_checkpoint_from_another_architecture(capsys, tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tmp_path / "hf"), "--length", "4")
+    assert_one_line_error(code, err, "another architecture")
+
+
+def test_import_smdm_rejects_wrong_config(capsys, tmp_path, tokenizer_file):
+    from safetensors.torch import save_file
+
+    from smdm.convert import ours_to_smdm_state_dict
+
+    config = ModelConfig.from_name("tiny-test", vocab_size=300)
+    save_file(ours_to_smdm_state_dict(Transformer(config).state_dict(), config), str(tmp_path / "w.safetensors"))
+    code, _, err = run_cli(capsys, "import-smdm", "--weights", str(tmp_path / "w.safetensors"), "--config",
+                           "smdm-170m", "--tokenizer", str(tokenizer_file), "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_script_exits_nonzero_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "smdm", "train", "--data", str(tmp_path), "--out",
+                             str(tmp_path / "run"), "--max-steps", "1"], capture_output=True, text=True,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
