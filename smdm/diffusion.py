@@ -44,14 +44,20 @@ def forward_process(tokens: torch.Tensor, mask_prob: torch.Tensor, mask_id: int,
     return noisy, masked
 
 
+def masked_weighted_ce(masked_logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
+                       mask_prob: torch.Tensor) -> torch.Tensor:
+    """sum over masked positions of CE / p, from logits computed at the masked positions only, (n_masked, V)."""
+    rows = masked.nonzero()[:, 0]
+    token_ce = F.cross_entropy(masked_logits.float(), targets[masked], reduction="none")
+    return (token_ce / mask_prob.to(masked_logits.device)[rows]).sum()
+
+
 def mdm_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, mask_prob: torch.Tensor,
              normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
     """sum over masked positions of CE / p, divided by `normalizer` (default batch × length)."""
-    token_ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-    weights = masked.float() / mask_prob.to(logits.device)[:, None]
     if normalizer is None:
         normalizer = targets.numel()
-    return (token_ce * weights).sum() / normalizer
+    return masked_weighted_ce(logits[masked], targets, masked, mask_prob) / normalizer
 
 
 def arm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -65,7 +71,8 @@ def mdm_step_loss(model: torch.nn.Module, tokens: torch.Tensor, generator: torch
     t = sample_times(tokens.size(0), generator, low_discrepancy)
     mask_prob = mask_probability(t, eps)
     noisy, masked = forward_process(tokens, mask_prob, model.mask_id, generator)
-    return mdm_loss(model(noisy), tokens, masked, mask_prob)
+    # Only masked positions carry loss, so the output head runs only there (same value and gradients).
+    return masked_weighted_ce(model(noisy, select=masked), tokens, masked, mask_prob) / tokens.numel()
 
 
 def arm_step_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

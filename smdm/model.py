@@ -80,9 +80,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 input_pos: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_size, self.n_kv * self.head_size, self.n_kv * self.head_size], dim=-1
+        # Split the fused weight, not the fused output: the output's strided views cost a gradient concat in backward.
+        wq, wk, wv = self.qkv.weight.split(
+            [self.n_head * self.head_size, self.n_kv * self.head_size, self.n_kv * self.head_size], dim=0
         )
+        q, k, v = F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)
         q = q.view(batch, seq_len, self.n_head, self.head_size).transpose(1, 2)
         k = k.view(batch, seq_len, self.n_kv, self.head_size).transpose(1, 2)
         v = v.view(batch, seq_len, self.n_kv, self.head_size).transpose(1, 2)
@@ -113,8 +115,8 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(self.hidden, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.hidden, dim=-1)
-        return self.down(F.silu(gate) * up)
+        w_gate, w_up = self.gate_up.weight.split(self.hidden, dim=0)  # see Attention.forward: split weights
+        return self.down(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up))
 
 
 class Block(nn.Module):
@@ -162,8 +164,13 @@ class Transformer(nn.Module):
     def mask_id(self) -> int:
         return self.config.vocab_size
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids (B, T). With a KV cache, `input_pos` gives the positions of idx."""
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids (B, T). With a KV cache, `input_pos` gives the positions of idx.
+
+        `select` (bool, B x T) returns logits only at those positions, flattened to (n, vocab_size): the MDM loss
+        needs the output head only at masked positions, which saves most of its cost at low mask rates.
+        """
         seq_len = idx.size(1)
         if input_pos is None:
             if seq_len > self.config.block_size:
@@ -176,6 +183,8 @@ class Transformer(nn.Module):
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin, input_pos)
+        if select is not None:
+            x = x[select]
         return self.lm_head(self.norm(x))
 
     def setup_kv_cache(self, batch_size: int, max_len: int | None = None) -> None:

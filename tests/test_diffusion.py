@@ -88,3 +88,25 @@ def test_random_length_cuts_a_fraction_of_batches():
     assert min(lengths) >= 1 and max(lengths) == 32
     assert all(random_length(tokens, 1.0, generator, min_length=2).size(1) >= 2 for _ in range(200))
     assert random_length(tokens, 0.0, generator).size(1) == 32
+
+
+def test_selective_head_gives_the_same_loss_and_gradients_as_full_logits():
+    from smdm.config import ModelConfig
+    from smdm.diffusion import mdm_step_loss
+    from smdm.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-test", vocab_size=VOCAB))
+    tokens = torch.randint(0, VOCAB, (4, 24))
+    fast = mdm_step_loss(model, tokens, torch.Generator().manual_seed(7))
+    fast.backward()
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    generator = torch.Generator().manual_seed(7)  # replay the same t and masks through the full-logits path
+    mask_prob = mask_probability(sample_times(4, generator))
+    noisy, masked = forward_process(tokens, mask_prob, VOCAB, generator)
+    full = mdm_loss(model(noisy), tokens, masked, mask_prob)
+    full.backward()
+    torch.testing.assert_close(fast, full)
+    for a, p in zip(fast_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
