@@ -30,18 +30,18 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from smdm.config import ModelConfig  # noqa: E402
-from smdm.convert import hf_llama_config  # noqa: E402
-from smdm.diffusion import arm_step_loss, mdm_step_loss  # noqa: E402
-from smdm.model import Transformer  # noqa: E402
+from smdm.config import ModelConfig
+from smdm.convert import hf_llama_config
+from smdm.diffusion import arm_step_loss, mdm_step_loss
+from smdm.model import Transformer
 
 
 @dataclass
@@ -131,7 +131,7 @@ def warm_up(runners: list[Runner], batches: list[torch.Tensor], steps: int) -> l
         try:
             for i in range(max(steps, 1)):
                 runner.step(batches[i % len(batches)])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if "compile" not in runner.name:
                 raise
             first_line = (str(exc).splitlines() or [""])[0][:200]

@@ -6,9 +6,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Sequence
 
 from smdm.errors import SmdmError
 
@@ -100,7 +100,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             ids = [tokenizer.eos_id]  # an ARM starts a fresh document after an EOS
         on_step = None
         if args.show_steps:
-            def on_step(step: int, x: "torch.Tensor", n=len(ids)) -> None:
+            def on_step(step: int, x: torch.Tensor, n=len(ids)) -> None:
                 print(f"[step {step + 1:>3}] {tokenizer.decode(x[0, n:].tolist())!r}")
         out = generate(checkpoint.model, torch.tensor(ids, dtype=torch.long), args.length, args.steps,
                        args.temperature, generator, on_step)

@@ -53,7 +53,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -61,7 +61,7 @@ class ModelConfig:
         return cls(**data)
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
         """Look up a named config ("smdm-170m", "tiny-2m", ...) and apply overrides such as vocab_size."""
         key = name.lower()
         if key not in CONFIGS:

@@ -263,7 +263,7 @@ def ours_to_hf_llama_state_dict(sd: Mapping[str, Tensor], config: ModelConfig) -
     return out
 
 
-def hf_llama_config(config: ModelConfig, **overrides: Any) -> "LlamaConfig":
+def hf_llama_config(config: ModelConfig, **overrides: Any) -> LlamaConfig:
     """A `transformers.LlamaConfig` of the same shape, so exported weights run in HF tooling unchanged."""
     try:
         from transformers import LlamaConfig

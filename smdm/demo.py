@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 
 from smdm.checkpoint import load_checkpoint
-from smdm.errors import SmdmError
 from smdm.data.packed import PackedDataset, corpus_unigram_entropy
 from smdm.data.prepare import PrepareConfig, prepare_corpus, read_documents
+from smdm.errors import SmdmError
 from smdm.likelihood import sequence_nll
 from smdm.sample import mdm_generate, truncate_at_eos
 from smdm.tokenizer import Tokenizer, train_bpe

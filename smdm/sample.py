@@ -5,7 +5,7 @@ The full sampler suite (random remasking, semi-autoregressive blocks, CFG, cachi
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

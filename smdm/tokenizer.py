@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from smdm.errors import SmdmError
 
@@ -67,7 +67,7 @@ class Tokenizer:
         self.mask_id = self.vocab_size
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Tokenizer":
+    def from_file(cls, path: str | Path) -> Tokenizer:
         """Load by file type so callers can pass whatever tokenizer artifact they have."""
         p = Path(path)
         if not p.exists():
@@ -90,7 +90,7 @@ class Tokenizer:
         raise SmdmError(f"{p}: unknown tokenizer file type {suffix or '(none)'}; expected .json or .model")
 
     @classmethod
-    def _load_hf_json(cls, p: Path) -> "Tokenizer":
+    def _load_hf_json(cls, p: Path) -> Tokenizer:
         """Load a HF tokenizer.json."""
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -101,7 +101,7 @@ class Tokenizer:
         return cls(p, [p], "hf", tok)
 
     @classmethod
-    def _load_sentencepiece(cls, p: Path) -> "Tokenizer":
+    def _load_sentencepiece(cls, p: Path) -> Tokenizer:
         """Load a SentencePiece model (Llama / TinyLlama tokenizer)."""
         import sentencepiece as spm
 
@@ -112,7 +112,7 @@ class Tokenizer:
         return cls(p, [p], "sentencepiece", sp)
 
     @classmethod
-    def _load_gpt2_dir(cls, p: Path) -> "Tokenizer":
+    def _load_gpt2_dir(cls, p: Path) -> Tokenizer:
         """Load GPT-2 style encoder.json + vocab.bpe as byte-level BPE, exactly as GPT-2 tokenizes."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers

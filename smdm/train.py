@@ -12,19 +12,26 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from smdm.checkpoint import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
 from smdm.config import ModelConfig, non_embedding_params
-from smdm.data.packed import PackedDataset
+from smdm.data.packed import PackedDataset, load_manifest
 from smdm.diffusion import (
-    arm_step_loss, forward_process, mask_probability, mdm_loss, mdm_step_loss, random_length, sample_times,
+    arm_step_loss,
+    forward_process,
+    mask_probability,
+    mdm_loss,
+    mdm_step_loss,
+    random_length,
+    sample_times,
 )
 from smdm.errors import SmdmError
 from smdm.model import Transformer
@@ -195,8 +202,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     out_dir = Path(config.out_dir)
     checkpoint_dir = out_dir / "checkpoint"
 
-    train_data = PackedDataset(config.data_dir, "train", seq_len=1, seed=config.seed)  # probe the manifest
-    vocab_size = train_data.vocab_size
+    vocab_size = int(load_manifest(config.data_dir)["tokenizer"]["vocab_size"])
     model_config = ModelConfig.from_name(config.model, vocab_size=vocab_size)
     seq_len = config.seq_len or model_config.block_size
     if seq_len > model_config.block_size:

@@ -7,10 +7,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 from conftest import REPO_ROOT
-from smdm.checkpoint import save_checkpoint
+
 from smdm.cli import main
 from smdm.config import ModelConfig
 from smdm.model import Transformer

@@ -78,7 +78,7 @@ def test_read_documents_formats(tmp_path: Path) -> None:
 
 def test_read_documents_errors(tmp_path: Path) -> None:
     bad = tmp_path / "latin1.txt"
-    bad.write_bytes("abc caf".encode() + "é".encode("latin-1") + b" more")
+    bad.write_bytes(b"abc caf" + "é".encode("latin-1") + b" more")
     with pytest.raises(SmdmError, match=r"latin1\.txt: not UTF-8 text \(byte offset 7\)"):
         list(read_documents([bad]))
     jl = tmp_path / "bad.jsonl"

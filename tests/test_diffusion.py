@@ -7,7 +7,13 @@ import math
 import torch
 
 from smdm.diffusion import (
-    MASK_EPS, arm_loss, forward_process, mask_probability, mdm_loss, random_length, sample_times,
+    MASK_EPS,
+    arm_loss,
+    forward_process,
+    mask_probability,
+    mdm_loss,
+    random_length,
+    sample_times,
 )
 
 VOCAB = 50

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, shared_file
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, shared_file
 from smdm.config import ModelConfig, non_embedding_params
 from smdm.errors import SmdmError
 from smdm.train import TrainConfig, lr_at, total_steps_for, train

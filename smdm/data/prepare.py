@@ -6,9 +6,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -216,10 +216,11 @@ def prepare_corpus(
     paths: Sequence[Path],
     tokenizer: Tokenizer,
     out_dir: Path,
-    config: PrepareConfig = PrepareConfig(),
+    config: PrepareConfig | None = None,
     progress: bool = True,
 ) -> dict:
     """Tokenize documents, EOS-terminate each, split train/val by document, write shards + manifest atomically."""
+    config = config or PrepareConfig()
     if not 0.0 <= config.val_fraction < 1.0:
         raise SmdmError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
     if config.shard_tokens < 1:
@@ -240,7 +241,7 @@ def prepare_corpus(
     if not single and config.val_fraction > 0:
         n_val = min(n_docs - 1, max(1, round(n_docs * config.val_fraction)))
         rng = np.random.default_rng(config.seed)
-        val_docs = set(int(i) for i in rng.choice(n_docs, size=n_val, replace=False))
+        val_docs = {int(i) for i in rng.choice(n_docs, size=n_val, replace=False)}
 
     dtype = token_dtype(tokenizer.vocab_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
