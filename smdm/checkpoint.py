@@ -17,6 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -68,16 +69,18 @@ def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(directory: str | Path, model: torch.nn.Module, config: ModelConfig, meta: dict[str, Any],
-                    train_state: dict[str, Any] | None = None, tokenizer_file: str | Path | None = None) -> Path:
-    """Write a checkpoint atomically; `meta` must say at least the objective ("mdm" or "arm")."""
+def save_checkpoint(directory: str | Path, model: torch.nn.Module | Mapping[str, torch.Tensor], config: ModelConfig,
+                    meta: dict[str, Any], train_state: dict[str, Any] | None = None,
+                    tokenizer_file: str | Path | None = None) -> Path:
+    """Write a checkpoint atomically; `model` is a module or its (gathered) state dict; `meta` names the objective."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in model.state_dict().items()}
+        state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        weights = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
         save_file(weights, str(tmp / WEIGHTS_FILE))
         meta = dict(meta)
         if tokenizer_file is not None:

@@ -32,6 +32,12 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         kind = float if isinstance(default, float) or name in ("lr",) else int
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
     parser.add_argument("--low-discrepancy", action="store_true", help="stratified t across each batch")
+    parser.add_argument("--stop-after-steps", type=int, help="stop early with a checkpoint (time-sliced jobs)")
+    parser.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"], default=defaults.parallel,
+                        help="under torchrun: DDP (auto) or FSDP2 sharding")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each Transformer block")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--peak-flops", type=float, help="per-device peak FLOP/s for MFU (known GPUs are detected)")
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=defaults.dtype)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if present")

@@ -66,11 +66,14 @@ def arm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def mdm_step_loss(model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator | None = None,
-                  low_discrepancy: bool = False, eps: float = MASK_EPS) -> torch.Tensor:
-    """One Monte-Carlo draw of the MDM loss for a batch of clean token blocks."""
+                  low_discrepancy: bool = False, eps: float = MASK_EPS, mask_id: int | None = None) -> torch.Tensor:
+    """One Monte-Carlo draw of the MDM loss for a batch of clean token blocks.
+
+    `mask_id` defaults to `model.mask_id`; pass it when `model` is a wrapper (DDP) that hides the attribute.
+    """
     t = sample_times(tokens.size(0), generator, low_discrepancy)
     mask_prob = mask_probability(t, eps)
-    noisy, masked = forward_process(tokens, mask_prob, model.mask_id, generator)
+    noisy, masked = forward_process(tokens, mask_prob, model.mask_id if mask_id is None else mask_id, generator)
     # Only masked positions carry loss, so the output head runs only there (same value and gradients).
     return masked_weighted_ce(model(noisy, select=masked), tokens, masked, mask_prob) / tokens.numel()
 

@@ -24,6 +24,10 @@ from tqdm.auto import tqdm
 from smdm.checkpoint import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
 from smdm.config import ModelConfig, non_embedding_params
 from smdm.data.packed import PackedDataset, load_manifest
+from smdm.distributed import (
+    DistInfo, all_reduce_mean, destroy_distributed, device_peak_flops, full_model_state, full_optimizer_state,
+    init_distributed, load_full_optimizer_state, no_gradient_sync, parallelize, resolve_strategy,
+)
 from smdm.diffusion import (
     arm_step_loss,
     forward_process,
@@ -60,6 +64,7 @@ class TrainConfig:
     max_steps: int | None = None
     max_tokens: int | None = None
     flops: float | None = None  # C = 6·N·D
+    stop_after_steps: int | None = None  # end this job early (with a checkpoint); resume later: time-sliced jobs
     random_length_prob: float = 0.01  # fraction of batches cut to a random length
     low_discrepancy: bool = False  # stratified t across a batch for the MDM training loss
     eval_every: int = 100
@@ -72,6 +77,10 @@ class TrainConfig:
     device: str = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     threads: int | None = None
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # auto: DDP under torchrun, else one process
+    compile: bool = False  # torch.compile each Transformer block
+    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    peak_flops: float | None = None  # per-device peak FLOP/s for the MFU column (known GPUs are detected)
     resume: bool = False
     init_from: str | None = None  # start from these weights (fine-tuning)
     progress: bool = True
@@ -136,6 +145,12 @@ def step_generator(seed: int, step: int, micro: int, rank: int = 0) -> torch.Gen
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 131 + rank)
 
 
+def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (matmul parameters incl. the head) + the attention term 12·L·d·T (PaLM)."""
+    matmul_params = non_embedding_params(config) + config.vocab_size * config.n_embd
+    return 6.0 * matmul_params + 12.0 * config.n_layer * config.n_embd * seq_len
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (norm gains are not decayed)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -187,8 +202,8 @@ class MetricsLog:
             handle.write(json.dumps(row) + "\n")
 
 
-def _iterate_steps(start: int, total: int, enabled: bool) -> Iterator[tuple[int, Any]]:
-    bar = tqdm(range(start, total), initial=start, total=total, disable=not enabled, unit="step", dynamic_ncols=True)
+def _iterate_steps(start: int, end: int, enabled: bool) -> Iterator[tuple[int, Any]]:
+    bar = tqdm(range(start, end), initial=start, total=end, disable=not enabled, unit="step", dynamic_ncols=True)
     for step in bar:
         yield step, bar
 
@@ -198,7 +213,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    owns_group = not torch.distributed.is_initialized()
+    info = init_distributed(config.device)
+    try:
+        return _train(config, info)
+    finally:
+        if owns_group:
+            destroy_distributed()
+
+
+def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
+    device = info.device
+    strategy = resolve_strategy(config.parallel, info)
     out_dir = Path(config.out_dir)
     checkpoint_dir = out_dir / "checkpoint"
 
@@ -209,14 +235,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
         raise SmdmError(f"seq_len {seq_len} is longer than the block size {model_config.block_size} of {config.model}")
     # An ARM block carries one extra token so it predicts seq_len targets, like the MDM sees seq_len tokens.
     block_len = seq_len + 1 if config.objective == "arm" else seq_len
-    train_data = PackedDataset(config.data_dir, "train", seq_len=block_len, seed=config.seed)
+    train_data = PackedDataset(config.data_dir, "train", seq_len=block_len, seed=config.seed,
+                               rank=info.rank, world_size=info.world_size)
     val_blocks = PackedDataset(config.data_dir, "val", seq_len=block_len, shuffle=False).blocks(config.eval_blocks)
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = Transformer(model_config, causal=config.objective == "arm")
     n_params = non_embedding_params(model_config)
-    tokens_per_step = config.batch_size * config.grad_accum * seq_len
+    tokens_per_step = config.batch_size * config.grad_accum * seq_len * info.world_size
     total_steps = total_steps_for(config, tokens_per_step, n_params)
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 100)
 
@@ -242,17 +269,23 @@ def train(config: TrainConfig) -> dict[str, Any]:
         model_config = loaded.config
 
     model.to(device).train()
-    optimizer = make_optimizer(model, config, device)
+    train_model = parallelize(model, strategy, info, config.activation_checkpointing, config.compile)
+    optimizer = make_optimizer(train_model, config, device)
     if train_state is not None:
-        optimizer.load_state_dict(train_state["optimizer"])
+        load_full_optimizer_state(train_model, optimizer, train_state["optimizer"])
         train_data.load_state_dict(train_state["data"])
         torch.set_rng_state(train_state["torch_rng"])
         random.setstate(train_state["python_rng"])
         start_step, tokens_seen = train_state["step"], train_state["tokens"]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
-    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start_step if train_state is not None else None)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+        log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start_step if train_state is not None else None)
+    else:
+        log = None
+    flops_per_token = model_flops_per_token(model_config, seq_len)
+    peak_flops = config.peak_flops or device_peak_flops(device)
     meta = {
         "objective": config.objective,
         "tokenizer": {k: tokenizer_info.get(k) for k in ("fingerprint", "vocab_size", "eos_id")},
@@ -263,35 +296,45 @@ def train(config: TrainConfig) -> dict[str, Any]:
         tokenizer_file = None
 
     def checkpoint(step: int, tokens: int) -> None:
-        state = {
-            "step": step, "tokens": tokens, "optimizer": optimizer.state_dict(), "data": train_data.state_dict(),
-            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-        }
-        save_checkpoint(checkpoint_dir, model, model_config, {**meta, "step": step, "tokens": tokens},
-                        train_state=state, tokenizer_file=tokenizer_file)
+        # Gathering is collective (every rank takes part); only rank 0 writes.
+        weights = full_model_state(train_model)
+        optimizer_state = full_optimizer_state(train_model, optimizer)
+        if info.is_main:
+            state = {
+                "step": step, "tokens": tokens, "optimizer": optimizer_state, "data": train_data.state_dict(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "world_size": info.world_size,
+            }
+            save_checkpoint(checkpoint_dir, weights, model_config, {**meta, "step": step, "tokens": tokens},
+                            train_state=state, tokenizer_file=tokenizer_file)
+        if info.distributed:
+            torch.distributed.barrier()
 
     val_loss = None
     window_start, window_tokens = time.perf_counter(), 0
     loss_value = float("nan")
-    for step, bar in _iterate_steps(start_step, total_steps, config.progress):
+    end_step = min(total_steps, config.stop_after_steps or total_steps)
+    for step, bar in _iterate_steps(start_step, end_step, config.progress and info.is_main):
         lr = lr_at(step, total_steps, warmup, config.lr, config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss = 0.0
         for micro in range(config.grad_accum):
-            generator = step_generator(config.seed, step, micro)
+            # Keyed by the global micro-batch index, so N ranks x k micro-batches replay 1 rank x N·k exactly.
+            generator = step_generator(config.seed, step, micro * info.world_size + info.rank)
             tokens = train_data.next_batch(config.batch_size)
             tokens = random_length(tokens, config.random_length_prob, generator,
                                    min_length=2 if config.objective == "arm" else 1).to(device)
-            with autocast_context(device, config.dtype):
+            last = micro == config.grad_accum - 1
+            with no_gradient_sync(train_model, strategy, last), autocast_context(device, config.dtype):
                 if config.objective == "mdm":
-                    loss = mdm_step_loss(model, tokens, generator, config.low_discrepancy)
+                    loss = mdm_step_loss(train_model, tokens, generator, config.low_discrepancy,
+                                         mask_id=model.mask_id)
                 else:
-                    loss = arm_step_loss(model, tokens)
-            (loss / config.grad_accum).backward()
+                    loss = arm_step_loss(train_model, tokens)
+                (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
             window_tokens += tokens.size(0) * (tokens.size(1) - (config.objective == "arm"))
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens_seen += tokens_per_step
@@ -301,17 +344,29 @@ def train(config: TrainConfig) -> dict[str, Any]:
         loss_value = step_loss if math.isnan(loss_value) else 0.9 * loss_value + 0.1 * step_loss
         if done % config.log_every == 0 or done == total_steps:
             elapsed = time.perf_counter() - window_start
-            tps = window_tokens / max(elapsed, 1e-9)
-            log.write({"step": done, "tokens": tokens_seen, "lr": lr, "loss": step_loss,
-                       "grad_norm": float(grad_norm), "tokens_per_s": tps})
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            tps = window_tokens * info.world_size / max(elapsed, 1e-9)  # global tokens/s
+            global_loss = all_reduce_mean(step_loss, info)
+            row = {"step": done, "tokens": tokens_seen, "lr": lr, "loss": global_loss,
+                   "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                   "tokens_per_s": tps}
+            if peak_flops:
+                row["mfu"] = flops_per_token * tps / (peak_flops * info.world_size)
+            if device.type == "cuda":
+                row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if log is not None:
+                log.write(row)
+            postfix = {"loss": f"{loss_value:.3f}", "tok_s": f"{tps:,.0f}"}
+            if "mfu" in row:
+                postfix["mfu"] = f"{row['mfu']:.1%}"
+            bar.set_postfix(postfix, refresh=False)
             window_start, window_tokens = time.perf_counter(), 0
         if done % config.eval_every == 0 or done == total_steps:
             val_loss = evaluate(model, val_blocks, config.objective, config.eval_mc_samples,
                                 config.eval_batch_size, device, config.dtype)
-            log.write({"step": done, "tokens": tokens_seen, "val_loss": val_loss})
-            bar.write(f"step {done}: val loss {val_loss:.4f} nats/token")
-        if done % config.save_every == 0 or done == total_steps:
+            if log is not None:
+                log.write({"step": done, "tokens": tokens_seen, "val_loss": val_loss})
+                bar.write(f"step {done}: val loss {val_loss:.4f} nats/token")
+        if done % config.save_every == 0 or done in (total_steps, end_step):
             checkpoint(done, tokens_seen)
 
     if start_step >= total_steps and val_loss is None:
@@ -322,7 +377,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "steps": total_steps, "tokens": tokens_seen, "flops_6nd": 6.0 * n_params * tokens_seen,
         "final_val_loss": val_loss, "checkpoint": str(checkpoint_dir),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if info.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
