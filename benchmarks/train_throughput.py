@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -201,6 +203,62 @@ def summarize(runners: list[Runner]) -> tuple[list[dict], list[str]]:
     return rows, lines
 
 
+def _rss_mb() -> float:
+    """Current resident set size of this process (Linux)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_memory_child(runners: list[Runner], name: str, batches: list[torch.Tensor], steps: int) -> None:
+    """In a fresh process: peak RSS growth while one model trains (activations, gradients, AdamW state).
+
+    The process-lifetime peak (ru_maxrss) is dominated by imports for small models, so a thread samples the RSS
+    every millisecond during the training steps instead.
+    """
+    import threading
+
+    runner = next(r for r in runners if r.name == name)
+    baseline = _rss_mb()
+    peak = [baseline]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    for i in range(steps):
+        runner.step(batches[i % len(batches)])
+    done.set()
+    sampler.join()
+    print(json.dumps({"model": name, "baseline_rss_mb": baseline, "peak_rss_mb": peak[0],
+                      "training_peak_mb": peak[0] - baseline}))
+
+
+def measure_memory(names: list[str], argv: list[str]) -> dict[str, dict[str, float]]:
+    """Run one child per model (peak RSS is per process, so models must not share one) and print a table."""
+    results: dict[str, dict[str, float]] = {}
+    base_args = [a for a in argv if a not in ("--memory",)]
+    for name in names:
+        out = subprocess.run([sys.executable, __file__, *base_args, "--memory-child", name],
+                             capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(f"memory measurement of {name} failed: {out.stderr.strip().splitlines()[-1:]}")
+            continue
+        record = json.loads(out.stdout.strip().splitlines()[-1])
+        results[name] = {"training_peak_mb": record["training_peak_mb"], "peak_rss_mb": record["peak_rss_mb"]}
+    if results:
+        print("\n| model                | peak RSS growth while training (MB) | peak RSS (MB) |")
+        print("|----------------------|-------------------------------------|---------------|")
+        for name, rec in results.items():
+            print(f"| {name:<20} | {rec['training_peak_mb']:>35,.0f} | {rec['peak_rss_mb']:>13,.0f} |")
+        print("(each model in its own process; growth = peak RSS minus RSS after building the models: activations,"
+              " gradients and AdamW state)")
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="tiny-6m", help="smdm config name (default tiny-6m)")
@@ -218,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="after timing, profile 2 steps of each model and print the top N ops")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write results to this JSON file")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure each model's peak training memory, one fresh process per model")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.threads is not None:
@@ -240,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     data_gen = torch.Generator().manual_seed(args.seed + 1)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), generator=data_gen) for _ in range(4)]
     tokens_per_step = args.batch_size * args.seq_len
+    if args.memory_child is not None:
+        measure_memory_child(runners, args.memory_child, batches, max(args.warmup, 1) + args.steps)
+        return
 
     print("warming up")
     runners = warm_up(runners, batches, args.warmup)
@@ -253,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
           "ours/HF = median (min-max) of per-round ratios")
 
     tables = profile(runners, batches, 2, args.profile) if args.profile else {}
+    memory = measure_memory([r.name for r in runners], argv if argv is not None else sys.argv[1:]) if args.memory else {}
+    for row in rows:
+        row.update(memory.get(row["model"], {}))
 
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -146,3 +146,24 @@ def test_tinyshakespeare_mdm_and_arm_learn(tmp_path):
         results[objective] = (sum(first) / 3, summary["final_val_loss"])
     for objective, (start, end) in results.items():
         assert end < start - 1.0, (objective, start, end)
+
+
+def test_activation_checkpointing_changes_memory_not_results(toy_data, tmp_path):
+    plain = train(tiny_run(toy_data, tmp_path / "plain", max_steps=3, random_length_prob=0.0))
+    recomputed = train(tiny_run(toy_data, tmp_path / "ckpt", max_steps=3, random_length_prob=0.0,
+                                activation_checkpointing=True))
+    a = load_file(str(tmp_path / "plain" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ckpt" / "checkpoint" / "model.safetensors"))
+    assert a.keys() == b.keys()  # the checkpoint wrapper leaves parameter names alone
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+    assert plain["final_val_loss"] == pytest.approx(recomputed["final_val_loss"], abs=1e-5)
+
+
+def test_model_flops_per_token_counts_head_and_attention():
+    from smdm.train import model_flops_per_token
+
+    config = ModelConfig.from_name("smdm-170m")
+    n = non_embedding_params(config)
+    expected = 6 * (n + 32000 * 768) + 12 * 18 * 768 * 2048
+    assert model_flops_per_token(config, 2048) == expected
