@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check (<= 5 minutes on an H100/H200): train the paper's 170M MDM at sequence length 2048 in bf16 for a few
 # hundred steps on random tokens, then print tokens/s, MFU and peak memory from the run's metrics.
-# Usage: bash benchmarks/gpu_check.sh [extra `smdm train` flags]   (env: STEPS=300 BATCH=16 PYTHON=python)
+# Needs torch (CUDA), numpy, safetensors, tqdm, tokenizers and sentencepiece in $PYTHON (carry wheels to an offline
+# machine that lacks them). Usage: bash benchmarks/gpu_check.sh [extra `smdm train` flags]   (env: STEPS=300 BATCH=16 PYTHON=python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
