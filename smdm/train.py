@@ -82,7 +82,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     peak_flops: float | None = None  # per-device peak FLOP/s for the MFU column (known GPUs are detected)
     resume: bool = False
-    init_from: str | None = None  # start from these weights (fine-tuning)
+    init_from: str | None = None  # start from these weights and their config (fine-tuning); --model is ignored
     progress: bool = True
 
     def validate(self) -> None:
@@ -229,7 +229,10 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     checkpoint_dir = out_dir / "checkpoint"
 
     vocab_size = int(load_manifest(config.data_dir)["tokenizer"]["vocab_size"])
-    model_config = ModelConfig.from_name(config.model, vocab_size=vocab_size)
+    initial = load_checkpoint(config.init_from) if config.init_from and not config.resume else None
+    if initial is not None and initial.config.vocab_size != vocab_size:
+        raise SmdmError(f"{config.init_from}: vocabulary {initial.config.vocab_size} != data's {vocab_size}")
+    model_config = initial.config if initial else ModelConfig.from_name(config.model, vocab_size=vocab_size)
     seq_len = config.seq_len or model_config.block_size
     if seq_len > model_config.block_size:
         raise SmdmError(f"seq_len {seq_len} is longer than the block size {model_config.block_size} of {config.model}")
@@ -260,13 +263,8 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
         train_state = loaded.train_state
         if train_state is None:
             raise SmdmError(f"{checkpoint_dir}: no training state to resume from (state.pt missing)")
-    elif config.init_from:
-        loaded = load_checkpoint(config.init_from)
-        if loaded.config.vocab_size != vocab_size:
-            raise SmdmError(f"{config.init_from}: vocabulary {loaded.config.vocab_size} != data's {vocab_size}")
-        model = Transformer(loaded.config, causal=config.objective == "arm")
-        model.load_state_dict(loaded.model.state_dict())
-        model_config = loaded.config
+    elif initial is not None:
+        model.load_state_dict(initial.model.state_dict())
 
     model.to(device).train()
     train_model = parallelize(model, strategy, info, config.activation_checkpointing, config.compile)

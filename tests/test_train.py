@@ -167,3 +167,14 @@ def test_model_flops_per_token_counts_head_and_attention():
     n = non_embedding_params(config)
     expected = 6 * (n + 32000 * 768) + 12 * 18 * 768 * 2048
     assert model_flops_per_token(config, 2048) == expected
+
+
+def test_init_from_starts_with_the_given_weights(toy_data, tmp_path):
+    train(tiny_run(toy_data, tmp_path / "base", max_steps=2))
+    summary = train(tiny_run(toy_data, tmp_path / "tuned", model="tiny-1m", init_from=str(tmp_path / "base"),
+                             max_steps=1, lr=1e-12, warmup_steps=0))
+    assert summary["model"] == "tiny-test"  # the checkpoint's architecture wins over --model
+    a = load_file(str(tmp_path / "base" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "tuned" / "checkpoint" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
