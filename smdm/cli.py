@@ -95,23 +95,48 @@ def _load_for_inference(path: str, tokenizer_path: str | None, device: str):
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
-    from smdm.sample import generate, truncate_at_eos
+    from smdm.sample import check_prompts, generate, make_plan, read_prompts_file
 
+    prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    prompts = prompts or [""]  # one unconditional sample
+    if args.batch_size < 1:
+        raise SmdmError(f"--batch-size must be at least 1, got {args.batch_size}")
     checkpoint, tokenizer = _load_for_inference(args.checkpoint, args.tokenizer, args.device)
-    prompts = args.prompt or [""]
+    model = checkpoint.model
+    options = {"remasking": args.remasking, "block_length": args.block_length, "cfg_scale": args.cfg_scale,
+               "threshold": args.threshold, "cache": args.cache, "top_p": args.top_p, "eos_id": tokenizer.eos_id,
+               "stop_at_eos": args.stop_at_eos}
+    make_plan(model, args.length, args.steps, args.temperature, **options)  # every bad option fails before output
+    encoded = [tokenizer.encode(p, bos=tokenizer.bos_id is not None and args.bos) for p in prompts]
+    if model.causal:
+        encoded = [ids or [tokenizer.eos_id] for ids in encoded]  # an ARM starts a fresh document after an EOS
+    check_prompts(model, encoded, args.length)
     generator = torch.Generator().manual_seed(args.seed)
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt, bos=tokenizer.bos_id is not None and args.bos)
-        if checkpoint.model.causal and not ids:
-            ids = [tokenizer.eos_id]  # an ARM starts a fresh document after an EOS
+    records = []
+    for first in range(0, len(encoded), args.batch_size):
+        batch = encoded[first:first + args.batch_size]
         on_step = None
         if args.show_steps:
-            def on_step(step: int, x: torch.Tensor, n=len(ids)) -> None:
-                print(f"[step {step + 1:>3}] {tokenizer.decode(x[0, n:].tolist())!r}")
-        out = generate(checkpoint.model, torch.tensor(ids, dtype=torch.long), args.length, args.steps,
-                       args.temperature, generator, on_step)
-        completion = truncate_at_eos(out[0, len(ids):].tolist(), tokenizer.eos_id)
-        print(json.dumps({"prompt": prompt, "completion": tokenizer.decode(completion)}, ensure_ascii=False))
+            def on_step(step: int, x: torch.Tensor, first: int = first, width: int = max(map(len, batch))) -> None:
+                for row in range(x.size(0)):  # [MASK] shows where tokens are still hidden
+                    text = tokenizer.decode(x[row, width:].tolist())
+                    print(f"[prompt {first + row + 1} step {step + 1:>3}] {text!r}", file=sys.stderr, flush=True)
+        result = generate(model, batch, args.length, args.steps, args.temperature, generator, on_step, **options)
+        for prompt, completion in zip(prompts[first:first + args.batch_size], result.completions):
+            record = {"prompt": prompt, "completion": tokenizer.decode(completion), "tokens": len(completion)}
+            records.append(record)
+            if args.out is None:
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+    if args.out is not None:
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+            os.replace(tmp, out)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise SmdmError(f"could not write {out}: {error.strerror or error}") from None
+        print(f"{len(records)} samples -> {out}", file=sys.stderr)
 
 
 def cmd_likelihood(args: argparse.Namespace) -> None:
@@ -195,15 +220,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p = sub.add_parser("sample", help="generate text from a checkpoint (MDM samplers or ARM decoding)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--prompt", action="append", help="repeatable; default: unconditional")
-    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--prompt", action="append", help="repeatable; default: one unconditional sample")
+    p.add_argument("--prompts-file", help="jsonl with a \"prompt\" field per line (added after --prompt)")
+    p.add_argument("--out", help="write the samples as jsonl here (default: print them)")
+    p.add_argument("--length", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--steps", type=int, default=None, help="MDM denoising steps (default: length)")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--block-length", type=int, default=None,
+                   help="MDM semi-autoregressive block length; steps are split evenly across blocks (default: length)")
+    p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence",
+                   help="MDM: reveal the most confident predictions, or each masked token with probability 1 - s/t")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="MDM classifier-free guidance w: uncond + (w + 1)(cond - uncond), prompt masked for uncond")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="MDM parallel decoding: also reveal every token whose confidence exceeds this")
+    p.add_argument("--cache", choices=["none", "prefix", "dual", "kv"], default=None,
+                   help="MDM: none (exact, default), prefix or dual (Fast-dLLM, approximate); ARM: kv (default) or none")
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="stop once every sample has an EOS in its final tokens (completions are cut there anyway)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts sampled together (any lengths)")
     p.add_argument("--tokenizer")
     p.add_argument("--bos", action="store_true", help="prepend BOS to prompts")
-    p.add_argument("--show-steps", action="store_true", help="print the sequence as it is unmasked")
+    p.add_argument("--show-steps", action="store_true", help="print the sequence after every step (stderr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_sample)

@@ -3,7 +3,10 @@
 RMSNorm, rotary position embeddings (rotate-half convention of GPT-NeoX / lit-gpt / HF Llama), SwiGLU,
 grouped-query attention through `F.scaled_dot_product_attention`, no biases, untied output head.
 The embedding has `vocab_size + 1` rows: id `vocab_size` is [MASK]; the head predicts only real tokens.
-A causal model can decode with a KV cache. Nothing here knows about devices, parallelism or training.
+A causal model can decode with a KV cache. Batches of different lengths are left-padded: `positions` gives each
+row its own RoPE positions and `key_mask` hides the pad columns, so a padded row computes what it would alone.
+A bidirectional model can reuse the keys/values of the columns outside a recomputed window (`WindowCache`).
+Nothing here knows about devices, parallelism or training.
 """
 
 from __future__ import annotations
@@ -64,6 +67,72 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+class WindowKV:
+    """One layer's keys/values of the columns outside a recomputed window, for bidirectional reuse (Fast-dLLM).
+
+    The first forward pass (over the whole sequence) records the keys/values before `start` and from `end` on;
+    later passes over the window [start, end) attend to [recorded before | fresh window | recorded after], the
+    column order of the whole sequence. Exact where the recorded keys cannot depend on the window: the first
+    layer, whose keys are a function of the token and its position alone; in deeper layers it is Fast-dLLM's
+    approximation, since every position of a bidirectional model attends to the window.
+    """
+
+    def __init__(self, start: int, end: int | None) -> None:
+        self.start, self.end = start, end
+        self.before: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.after: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record (first pass) or surround the window's k, v (B, kv_heads, T, head_size) with the recorded ones."""
+        if self.before is None or self.after is None:
+            end = k.size(2) if self.end is None else self.end
+            self.before = (k[:, :, : self.start], v[:, :, : self.start])
+            self.after = (k[:, :, end:], v[:, :, end:])
+            return k, v
+        return (torch.cat([self.before[0], k, self.after[0]], dim=2),
+                torch.cat([self.before[1], v, self.after[1]], dim=2))
+
+
+class WindowCache:
+    """A WindowKV per layer: pass it to every forward of one block of semi-autoregressive MDM decoding."""
+
+    def __init__(self, n_layer: int, start: int, end: int | None = None) -> None:
+        if start < 0 or (end is not None and end <= start):
+            raise SmdmError(f"window [{start}, {end}) is empty or negative")
+        self.start, self.end = start, end
+        self.layers = [WindowKV(start, end) for _ in range(n_layer)]
+
+    @property
+    def recorded(self) -> bool:
+        """True once a whole-sequence pass has stored the keys/values outside the window."""
+        return self.layers[0].before is not None
+
+
+def attention_mask(q_len: int, k_len: int, causal: bool, key_mask: torch.Tensor | None,
+                   input_pos: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+    """The (mask, is_causal) pair for SDPA; None/flag when no padding and no cache, the fast path.
+
+    A KV cache makes causality a comparison of slots (query at slot p sees slots <= p). With padding, a query may
+    attend to itself even if it is a pad, so no row is fully masked (that would give NaN through 0 * NaN later).
+    """
+    if input_pos is None and key_mask is None:
+        return None, causal
+    allowed = None
+    if input_pos is not None:
+        key_slots = torch.arange(k_len, device=input_pos.device)
+        allowed = input_pos[:, None] >= key_slots[None, :]
+    elif causal:
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=key_mask.device).tril(k_len - q_len)
+    if key_mask is not None:
+        keys = key_mask[:, None, None, :k_len]
+        allowed = keys if allowed is None else allowed & keys
+        if input_pos is not None or causal:
+            query_slots = input_pos if input_pos is not None else torch.arange(k_len - q_len, k_len,
+                                                                                device=key_mask.device)
+            allowed = allowed | (query_slots[:, None] == torch.arange(k_len, device=key_mask.device)[None, :])
+    return allowed, False
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention; one fused QKV projection laid out as [all q heads | k heads | v heads]."""
 
@@ -78,7 +147,8 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+                input_pos: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                window: WindowKV | None = None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         # Split the fused weight, not the fused output: the output's strided views cost a gradient concat in backward.
         wq, wk, wv = self.qkv.weight.split(
@@ -90,14 +160,13 @@ class Attention(nn.Module):
         v = v.view(batch, seq_len, self.n_kv, self.head_size).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        attn_mask = None
-        is_causal = self.causal
+        cache_slots = None
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-            # Each query at position p sees cached keys at positions <= p (later slots are unwritten).
-            key_pos = torch.arange(k.size(2), device=x.device)
-            attn_mask = input_pos[:, None] >= key_pos[None, :]
-            is_causal = False
+            cache_slots = input_pos  # each query at slot p sees cached slots <= p (later slots are unwritten)
+        elif window is not None:
+            k, v = window.keys_values(k, v)
+        attn_mask, is_causal = attention_mask(seq_len, k.size(2), self.causal, key_mask, cache_slots)
         if self.n_kv != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
@@ -130,8 +199,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos)
+                input_pos: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                window: WindowKV | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, key_mask, window)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -165,27 +235,39 @@ class Transformer(nn.Module):
         return self.config.vocab_size
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                select: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids (B, T). With a KV cache, `input_pos` gives the positions of idx.
+                select: torch.Tensor | None = None, *, positions: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None, window: WindowCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids (B, T). With a KV cache, `input_pos` gives the slots of idx.
 
         `select` (bool, B x T) returns logits only at those positions, flattened to (n, vocab_size): the MDM loss
         needs the output head only at masked positions, which saves most of its cost at low mask rates.
+        `positions` (B, T) are per-row RoPE positions (default: `input_pos`, else 0..T-1); `key_mask` (bool, B x K)
+        marks the key columns that may be attended (K: the cache length, or the whole sequence with `window`);
+        `window` reuses the keys/values of the columns outside idx (see WindowCache; bidirectional models only).
         """
-        seq_len = idx.size(1)
-        if input_pos is None:
-            if seq_len > self.config.block_size:
-                raise SmdmError(f"sequence of {seq_len} tokens is longer than the block size {self.config.block_size}")
-            cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
-        else:
-            if int(input_pos.max()) >= self.config.block_size:
-                raise SmdmError(f"position {int(input_pos.max())} is past the block size {self.config.block_size}")
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        if window is not None and (self.causal or input_pos is not None):
+            raise SmdmError("a window cache is for bidirectional (MDM) models without a KV cache")
+        cos, sin = self._rope(idx.size(1), input_pos, positions)
         x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x, cos, sin, input_pos)
+        for index, block in enumerate(self.blocks):
+            x = block(x, cos, sin, input_pos, key_mask, None if window is None else window.layers[index])
         if select is not None:
             x = x[select]
         return self.lm_head(self.norm(x))
+
+    def _rope(self, seq_len: int, input_pos: torch.Tensor | None,
+              positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for the given positions, broadcastable to (B, heads, T, head_size); refuses positions past the block."""
+        if positions is None and input_pos is None:
+            if seq_len > self.config.block_size:
+                raise SmdmError(f"sequence of {seq_len} tokens is longer than the block size {self.config.block_size}")
+            return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        where = positions if positions is not None else input_pos
+        if int(where.max()) >= self.config.block_size:
+            raise SmdmError(f"position {int(where.max())} is past the block size {self.config.block_size}")
+        if positions is None:
+            return self.rope_cos[input_pos], self.rope_sin[input_pos]
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 
     def setup_kv_cache(self, batch_size: int, max_len: int | None = None) -> None:
         """Allocate per-layer caches for causal decoding of up to max_len positions."""

@@ -1,17 +1,124 @@
-"""Generation: MDM low-confidence remasking (Nie et al. 2025; LLaDA) and ARM decoding with a KV cache.
+"""Generation for both families through one entry, `generate(model, prompt_ids, length, ...)`.
 
-The full sampler suite (random remasking, semi-autoregressive blocks, CFG, caching) builds on these pieces.
+MDM (Nie et al. 2025; LLaDA; Fast-dLLM), `length` [MASK] tokens after the prompt filled in `steps` steps:
+- remasking `"low_confidence"`: reveal the k most confident predictions, k on an even schedule (all revealed at the
+  end); `"random"`: the reverse process itself, each masked token revealed with probability 1 - s/t from t to s;
+- semi-autoregressive blocks (`block_length`): blocks left to right, `steps` split evenly across them (LLaDA);
+- temperature through Gumbel-max in float64, and top-p;
+- unsupervised classifier-free guidance (`cfg_scale` w): logits = uncond + (w + 1)(cond - uncond), the
+  unconditional input being the same sequence with the prompt replaced by [MASK]; both rows in one forward pass;
+- confidence-threshold parallel decoding (`threshold`): also reveal every masked token of the block whose
+  confidence exceeds it, so a block often needs far fewer steps than scheduled (Fast-dLLM);
+- `cache="prefix"`: keys/values of the prompt and finished blocks, recorded once per block and reused by that block's
+  later steps; `cache="dual"`: also those of the still-masked blocks after it (Fast-dLLM). Exact for one-layer models
+  and for blocks decoded in one step; otherwise an approximation (deeper keys of a bidirectional model depend on the
+  block being decoded). `cache="none"` (default) recomputes everything.
+ARM: greedy, temperature and top-p with a KV cache (`cache="kv"`, default) or full recompute (`cache="none"`).
+Both: text after the first EOS is dropped from the completions; `stop_at_eos` ends generation once every row has
+an EOS in its final tokens (finished blocks, or emitted tokens), which never changes the completions.
+Batches of prompts of different lengths are left-padded: pads are hidden from attention and each row has its own
+positions, so a row of a batch yields the tokens it yields alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from smdm.errors import SmdmError
-from smdm.model import Transformer
+from smdm.model import Transformer, WindowCache
+
+Remasking = Literal["low_confidence", "random"]
+StepCallback = Callable[[int, torch.Tensor], None]
+PromptIds = torch.Tensor | Sequence[int] | Sequence[Sequence[int] | torch.Tensor]
+MDM_CACHES = ("none", "prefix", "dual")
+ARM_CACHES = ("kv", "none")
+
+
+@dataclass
+class Generation:
+    """What `generate` returns: the raw token grid and the per-prompt completions."""
+
+    tokens: torch.Tensor  # (B, width + length): prompts left-padded to `width`, then every generated token
+    prompt_lengths: list[int]
+    completions: list[list[int]]  # generated ids of each row, cut before the first EOS when eos_id is known
+    forward_passes: int  # model calls; a CFG pass (conditional and unconditional rows together) counts once
+    width: int  # the column where generation starts: the longest prompt's length
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Validated sampler settings: which blocks, how many steps each, and how to pick tokens."""
+
+    length: int
+    steps: int
+    block_length: int
+    remasking: Remasking
+    temperature: float
+    top_p: float
+    cfg_scale: float | None
+    threshold: float | None
+    cache: str
+    eos_id: int | None
+    stop_at_eos: bool
+
+    @property
+    def num_blocks(self) -> int:
+        return self.length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // self.num_blocks
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Prompts left-padded to one width, so generation starts at the same column in every row."""
+
+    tokens: torch.Tensor  # (B, width)
+    lengths: torch.Tensor  # (B,)
+
+    @classmethod
+    def left_padded(cls, prompts: list[list[int]], pad_id: int, device: torch.device) -> PromptBatch:
+        width = max(len(p) for p in prompts)
+        tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            if prompt:
+                tokens[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        return cls(tokens.to(device), torch.tensor([len(p) for p in prompts], device=device))
+
+    @property
+    def width(self) -> int:
+        return self.tokens.size(1)
+
+    @property
+    def padded(self) -> bool:
+        return bool((self.lengths < self.width).any())
+
+    def pad_columns(self) -> torch.Tensor:
+        return self.width - self.lengths
+
+    def key_mask(self, total: int) -> torch.Tensor | None:
+        """(B, total) True where a column holds a real token; None without padding (the fast attention path)."""
+        if not self.padded:
+            return None
+        return torch.arange(total, device=self.tokens.device)[None, :] >= self.pad_columns()[:, None]
+
+    def positions(self, total: int) -> torch.Tensor:
+        """(B, total) RoPE positions: each row counts from its first real token, as it would alone."""
+        columns = torch.arange(total, device=self.tokens.device)[None, :]
+        return (columns - self.pad_columns()[:, None]).clamp_min(0)
+
+    def prompt_mask(self, total: int) -> torch.Tensor:
+        """(B, total) True at real prompt tokens: what classifier-free guidance replaces by [MASK]."""
+        columns = torch.arange(total, device=self.tokens.device)[None, :]
+        return (columns >= self.pad_columns()[:, None]) & (columns < self.width)
 
 
 def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -26,6 +133,25 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.
     return logits.double() / temperature + gumbel
 
 
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits outside the smallest set of tokens holding probability >= top_p set to -inf (nucleus sampling)."""
+    if top_p >= 1:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter(-1, order, mass_before >= top_p)
+    return logits.masked_fill(drop, -float("inf"))
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy at temperature 0; else a draw from softmax(logits / T) restricted to the top-p nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return add_gumbel_noise(top_p_filter(logits.double() / temperature, top_p), 1.0, generator).argmax(-1)
+
+
 def num_transfer_tokens(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
     """Tokens to reveal at each step (B, steps): an even split, the remainder going to the first steps."""
     base = num_masked // steps
@@ -35,91 +161,341 @@ def num_transfer_tokens(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
     return schedule
 
 
-def _check_prompt(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    if prompt.dim() == 1:
-        prompt = prompt[None]
-    if new_tokens < 1:
-        raise SmdmError("the generation length must be at least 1")
-    if prompt.size(1) + new_tokens > model.config.block_size:
-        raise SmdmError(f"prompt ({prompt.size(1)}) + generation ({new_tokens}) tokens exceed the block size "
-                        f"{model.config.block_size}")
-    return prompt
+def tokens_to_reveal(num_masked: torch.Tensor, steps_left: int) -> torch.Tensor:
+    """This step's share of the even schedule, ceil(masked / steps left): equals `num_transfer_tokens` step by
+    step, and adapts when threshold decoding revealed more than scheduled."""
+    return (num_masked + steps_left - 1) // steps_left
 
 
-@torch.no_grad()
-def mdm_generate(model: Transformer, prompt: torch.Tensor, gen_length: int, steps: int, temperature: float = 0.0,
-                 generator: torch.Generator | None = None,
-                 on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Fill gen_length [MASK] tokens after the prompt by low-confidence remasking in `steps` steps.
+def reveal_low_confidence(confidence: torch.Tensor, masked: torch.Tensor, count: torch.Tensor,
+                          threshold: float | None = None) -> torch.Tensor:
+    """(B, n) positions to reveal: each row's `count` most confident masked ones, plus all above `threshold`.
 
-    At each step the model predicts every masked token; the k most confident predictions are kept and the rest
-    stay masked, with k from an even schedule so that no [MASK] remains after the last step.
+    Ties go to the leftmost position (a stable sort), so the choice is deterministic.
     """
-    if model.causal:
-        raise SmdmError("diffusion sampling needs an MDM (bidirectional) model, not an ARM")
-    if steps < 1:
-        raise SmdmError("steps must be at least 1")
-    if temperature < 0:
-        raise SmdmError("temperature must be >= 0")
-    prompt = _check_prompt(model, prompt, gen_length)
-    device = model.lm_head.weight.device
-    batch = prompt.size(0)
-    x = torch.cat([prompt.to(device), torch.full((batch, gen_length), model.mask_id, device=device)], dim=1)
-    steps = min(steps, gen_length)
-    schedule = num_transfer_tokens((x == model.mask_id).sum(1), steps)
-    for step in range(steps):
-        masked = x == model.mask_id
-        logits = model(x)
-        predicted = add_gumbel_noise(logits, temperature, generator).argmax(-1)
-        confidence = F.softmax(logits.float(), dim=-1).gather(-1, predicted[..., None]).squeeze(-1)
-        confidence = torch.where(masked, confidence, torch.full_like(confidence, -float("inf")))
-        reveal = torch.zeros_like(masked)
-        for row in range(batch):
-            k = int(schedule[row, step])
-            if k:
-                reveal[row, confidence[row].topk(k).indices] = True
-        x = torch.where(reveal, predicted, x)
-        if on_step is not None:
-            on_step(step, x)
-    return x
+    confidence = confidence.masked_fill(~masked, -float("inf"))
+    order = confidence.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.size(-1), device=order.device).expand_as(order))
+    reveal = (rank < count[:, None]) & masked
+    if threshold is not None:
+        reveal |= (confidence > threshold) & masked
+    return reveal
 
 
-@torch.no_grad()
-def arm_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Autoregressive decoding with a KV cache: one forward pass over the prompt, then one per new token."""
-    if not model.causal:
-        raise SmdmError("autoregressive decoding needs an ARM (causal) model")
-    if temperature < 0:
-        raise SmdmError("temperature must be >= 0")
-    prompt = _check_prompt(model, prompt, max_new_tokens)
-    if prompt.size(1) < 1:
-        raise SmdmError("an ARM needs a prompt of at least one token")
-    device = model.lm_head.weight.device
-    prompt = prompt.to(device)
-    model.setup_kv_cache(prompt.size(0), prompt.size(1) + max_new_tokens)
-    try:
-        logits = model(prompt, torch.arange(prompt.size(1), device=device))[:, -1]
-        out = [prompt]
-        for position in range(prompt.size(1), prompt.size(1) + max_new_tokens):
-            next_token = add_gumbel_noise(logits, temperature, generator).argmax(-1, keepdim=True)
-            out.append(next_token)
-            if position + 1 < prompt.size(1) + max_new_tokens:
-                logits = model(next_token, torch.tensor([position], device=device))[:, -1]
-    finally:
-        model.clear_kv_cache()
-    return torch.cat(out, dim=1)
-
-
-def generate(model: Transformer, prompt: torch.Tensor, length: int, steps: int | None = None,
-             temperature: float = 0.0, generator: torch.Generator | None = None,
-             on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """One entry for both families: diffusion sampling for an MDM, KV-cache decoding for an ARM."""
-    if model.causal:
-        return arm_generate(model, prompt, length, temperature, generator)
-    return mdm_generate(model, prompt, length, steps or length, temperature, generator, on_step)
+def reveal_random(masked: torch.Tensor, step: int, steps: int, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, n) positions to reveal on the step from t = 1 - step/steps to s = t - 1/steps: each masked one with
+    probability (t - s) / t = 1 / (steps - step), the reverse process of the forward masking (last step: all)."""
+    draw = torch.rand(masked.shape, generator=generator).to(masked.device)
+    return masked & (draw < 1.0 / (steps - step))
 
 
 def truncate_at_eos(ids: list[int], eos_id: int) -> list[int]:
     """Drop everything from the first EOS on: text after a document's end is noise."""
     return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """Prompts from a jsonl file (one object per line with a "prompt" string); blank lines are skipped."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SmdmError(f"{path}: not UTF-8 text (invalid byte at offset {error.start}); re-save it as UTF-8") from None
+    except IsADirectoryError:
+        raise SmdmError(f"{path}: is a directory, expected a .jsonl file of prompts") from None
+    prompts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise SmdmError(f"{path} line {number}: not JSON; expected one object like {{\"prompt\": \"...\"}}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise SmdmError(f"{path} line {number}: expected an object with a string field \"prompt\"")
+        prompts.append(record["prompt"])
+    if not prompts:
+        raise SmdmError(f"{path}: no prompts; expected one JSON object per line with a \"prompt\" field")
+    return prompts
+
+
+def _as_prompt_lists(prompt_ids: PromptIds) -> list[list[int]]:
+    """One prompt (1-D tensor or list of ints), equal-length rows (2-D tensor), or a list of prompts of any length."""
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() == 1:
+            return [prompt_ids.tolist()]
+        if prompt_ids.dim() == 2:
+            return prompt_ids.tolist()
+        raise SmdmError(f"prompt ids must be 1-D or 2-D, not {prompt_ids.dim()}-D")
+    prompts = list(prompt_ids)
+    if prompts and all(isinstance(p, int) for p in prompts):
+        return [prompts]
+    if not prompts:
+        raise SmdmError("no prompts given (pass [[]] or an empty tensor for one unconditional sample)")
+    return [p.tolist() if isinstance(p, torch.Tensor) else [int(i) for i in p] for p in prompts]
+
+
+def check_prompts(model: Transformer, prompts: list[list[int]], length: int) -> None:
+    """Ids inside the vocabulary, and prompt + generation inside the context the model has positions for."""
+    vocab = model.config.vocab_size
+    for prompt in prompts:
+        if any(not 0 <= i < vocab for i in prompt):
+            raise SmdmError(f"prompt ids must lie in [0, {vocab}) (the vocabulary, [MASK] excluded)")
+    longest = max(len(p) for p in prompts)
+    # An ARM never feeds its last token back, so it needs one position less than the tokens it holds.
+    needed = longest + length - (1 if model.causal else 0)
+    if needed > model.config.block_size:
+        raise SmdmError(f"prompt ({longest}) + generation ({length}) tokens exceed the block size "
+                        f"{model.config.block_size}; shorten the prompt or the length")
+    if model.causal and min(len(p) for p in prompts) < 1:
+        raise SmdmError("an ARM needs a prompt of at least one token (start unconditional samples with EOS)")
+
+
+def _mdm_plan(length: int, steps: int | None, block_length: int | None, remasking: str,
+              threshold: float | None, cache: str | None) -> tuple[int, int, str]:
+    """Steps, block length and cache mode of an MDM sampler, refusing combinations that cannot split evenly."""
+    steps = length if steps is None else steps
+    block_length = length if block_length is None else block_length
+    if steps < 1:
+        raise SmdmError(f"steps must be at least 1, got {steps}")
+    if steps > length:
+        raise SmdmError(f"steps ({steps}) exceed the generation length ({length}); a step reveals at least one token")
+    if not 1 <= block_length <= length or length % block_length:
+        raise SmdmError(f"block length {block_length} must divide the generation length {length}")
+    num_blocks = length // block_length
+    if steps % num_blocks:
+        raise SmdmError(f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks} = {length} / "
+                        f"{block_length}) so every block gets the same number of steps")
+    if remasking not in ("low_confidence", "random"):
+        raise SmdmError(f"unknown remasking {remasking!r}; use low_confidence or random")
+    if threshold is not None and not 0 < threshold <= 1:
+        raise SmdmError(f"the confidence threshold must lie in (0, 1], got {threshold}")
+    if threshold is not None and remasking != "low_confidence":
+        raise SmdmError("threshold decoding ranks tokens by confidence; use remasking low_confidence")
+    cache = cache or "none"
+    if cache not in MDM_CACHES:
+        raise SmdmError(f"unknown MDM cache {cache!r}; use one of {', '.join(MDM_CACHES)}")
+    return steps, block_length, cache
+
+
+def _arm_plan(steps: int | None, block_length: int | None, remasking: str, threshold: float | None,
+              cfg_scale: float | None, cache: str | None) -> str:
+    """Refuse the MDM-only options on an ARM (it decodes one token per step, left to right)."""
+    if cfg_scale is not None:
+        raise SmdmError("classifier-free guidance needs an MDM (its unconditional pass masks the prompt); "
+                        "this checkpoint is an ARM")
+    for name, value, default in (("steps", steps, None), ("block length", block_length, None),
+                                 ("threshold", threshold, None), ("remasking", remasking, "low_confidence")):
+        if value != default:
+            raise SmdmError(f"{name} is an MDM option; an ARM decodes one token per step")
+    cache = cache or "kv"
+    if cache not in ARM_CACHES:
+        raise SmdmError(f"unknown ARM cache {cache!r}; use kv or none")
+    return cache
+
+
+def make_plan(model: Transformer, length: int, steps: int | None = None, temperature: float = 0.0, *,
+              remasking: str = "low_confidence", block_length: int | None = None, cfg_scale: float | None = None,
+              threshold: float | None = None, cache: str | None = None, top_p: float = 1.0,
+              eos_id: int | None = None, stop_at_eos: bool = False) -> Plan:
+    """Validate every sampler option at once, so bad input fails before any model call."""
+    if length < 1:
+        raise SmdmError(f"the generation length must be at least 1, got {length}")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise SmdmError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise SmdmError(f"top_p must lie in (0, 1], got {top_p}")
+    if stop_at_eos and eos_id is None:
+        raise SmdmError("stop_at_eos needs the EOS id")
+    if cfg_scale is not None and not math.isfinite(cfg_scale):
+        raise SmdmError(f"cfg_scale must be a finite number, got {cfg_scale}")
+    if model.causal:
+        cache = _arm_plan(steps, block_length, remasking, threshold, cfg_scale, cache)
+        steps, block_length = length, 1
+    else:
+        steps, block_length, cache = _mdm_plan(length, steps, block_length, remasking, threshold, cache)
+    return Plan(length, steps, block_length, remasking, temperature, top_p, cfg_scale, threshold, cache, eos_id,
+                stop_at_eos)  # type: ignore[arg-type]
+
+
+def _call(model: Transformer, idx: torch.Tensor, **inputs: torch.Tensor | WindowCache | None) -> torch.Tensor:
+    """model(idx, ...) passing only the optional inputs in use, so simple stand-in models work too."""
+    return model(idx, **{name: value for name, value in inputs.items() if value is not None})
+
+
+class _DenoiserInputs:
+    """The model batch of an MDM sampler: the sequences (and, with CFG, their prompt-masked copies)."""
+
+    def __init__(self, batch: PromptBatch, total: int, mask_id: int, guided: bool) -> None:
+        copies = 2 if guided else 1
+        key_mask = batch.key_mask(total)
+        self.key_mask = None if key_mask is None else key_mask.repeat(copies, 1)
+        self.positions = batch.positions(total).repeat(copies, 1)
+        self.prompt_mask = batch.prompt_mask(total)
+        self.padded = batch.padded
+        self.mask_id = mask_id
+        self.guided = guided
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x, followed by x with the prompt replaced by [MASK] (the unconditional input) under CFG."""
+        if not self.guided:
+            return x
+        return torch.cat([x, x.masked_fill(self.prompt_mask, self.mask_id)])
+
+
+def _block_logits(model: Transformer, x: torch.Tensor, inputs: _DenoiserInputs, plan: Plan,
+                  window: WindowCache | None, start: int, end: int) -> torch.Tensor:
+    """Logits (B, end - start, V) of the block, guided when cfg_scale is set; reuses the window cache once recorded."""
+    rows = inputs.rows(x)
+    if window is None or not window.recorded:
+        positions = inputs.positions if inputs.padded or window is not None else None
+        logits = _call(model, rows, positions=positions, key_mask=inputs.key_mask, window=window)[:, start:end]
+    else:
+        stop = rows.size(1) if window.end is None else window.end
+        logits = _call(model, rows[:, start:stop], positions=inputs.positions[:, start:stop],
+                       key_mask=inputs.key_mask, window=window)[:, : end - start]
+    if not inputs.guided:
+        return logits
+    cond, uncond = logits.chunk(2)
+    # = uncond + (w + 1)(cond - uncond), written so that w = 0 gives cond exactly.
+    return cond + plan.cfg_scale * (cond - uncond)
+
+
+def _denoise_step(logits: torch.Tensor, block: torch.Tensor, mask_id: int, plan: Plan, step: int,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """The block after one step: predictions written into the positions chosen for revealing.
+
+    Tokens are drawn only where they can be revealed (masked positions; for random remasking, the chosen ones):
+    the float64 Gumbel noise over the vocabulary costs a third of a small model's forward pass otherwise.
+    """
+    masked = block == mask_id
+    if plan.remasking == "random":
+        reveal = reveal_random(masked, step, plan.steps_per_block, generator)
+        return block.masked_scatter(reveal, sample_tokens(logits[reveal], plan.temperature, plan.top_p, generator))
+    candidates = logits[masked]
+    predicted = sample_tokens(candidates, plan.temperature, plan.top_p, generator)
+    chosen = candidates.float().gather(-1, predicted[:, None]).squeeze(-1)
+    confidence = torch.full(block.shape, -float("inf"), device=block.device)
+    confidence[masked] = (chosen - candidates.float().logsumexp(-1)).exp()  # softmax probability of the choice
+    count = tokens_to_reveal(masked.sum(-1), plan.steps_per_block - step)
+    reveal = reveal_low_confidence(confidence, masked, count, plan.threshold)
+    return torch.where(reveal, block.masked_scatter(masked, predicted), block)
+
+
+def _all_rows_ended(tokens: torch.Tensor, eos_id: int | None) -> bool:
+    return eos_id is not None and bool((tokens == eos_id).any(dim=1).all())
+
+
+def _mdm_sample(model: Transformer, batch: PromptBatch, plan: Plan, generator: torch.Generator | None,
+                on_step: StepCallback | None) -> tuple[torch.Tensor, int]:
+    """Fill plan.length [MASK] tokens after the prompts, block by block; returns tokens and forward passes."""
+    total = batch.width + plan.length
+    masks = torch.full((batch.tokens.size(0), plan.length), model.mask_id, device=batch.tokens.device)
+    x = torch.cat([batch.tokens, masks], dim=1)
+    inputs = _DenoiserInputs(batch, total, model.mask_id, plan.cfg_scale is not None)
+    passes = step_index = 0
+    for start in range(batch.width, total, plan.block_length):
+        end = start + plan.block_length
+        window = None
+        if plan.cache != "none":
+            window = WindowCache(model.config.n_layer, start, end if plan.cache == "dual" else None)
+        for step in range(plan.steps_per_block):
+            if not (x[:, start:end] == model.mask_id).any():
+                break  # threshold decoding finished the block early
+            logits = _block_logits(model, x, inputs, plan, window, start, end)
+            passes += 1
+            x[:, start:end] = _denoise_step(logits, x[:, start:end], model.mask_id, plan, step, generator)
+            if on_step is not None:
+                on_step(step_index, x)
+            step_index += 1
+        if plan.stop_at_eos and end < total and _all_rows_ended(x[:, batch.width:end], plan.eos_id):
+            x[:, end:] = plan.eos_id  # finished blocks are final: nothing after this EOS can reach a completion
+            break
+    return x, passes
+
+
+def _arm_sample(model: Transformer, batch: PromptBatch, plan: Plan, generator: torch.Generator | None,
+                on_step: StepCallback | None) -> tuple[torch.Tensor, int]:
+    """Left-to-right decoding, with a KV cache (one pass over the prompts, then one per token) or recomputing all."""
+    total = batch.width + plan.length
+    tokens = torch.cat([batch.tokens, batch.tokens.new_full((batch.tokens.size(0), plan.length),
+                                                            plan.eos_id if plan.eos_id is not None else 0)], dim=1)
+    key_mask, positions = batch.key_mask(total), batch.positions(total)
+    padded_positions = positions if batch.padded else None
+    cached = plan.cache == "kv"
+    if cached:
+        model.setup_kv_cache(tokens.size(0), total)
+    try:
+        slots = torch.arange(batch.width, device=tokens.device)
+        logits = _call(model, batch.tokens, input_pos=slots if cached else None,
+                       positions=None if padded_positions is None else padded_positions[:, : batch.width],
+                       key_mask=key_mask if cached or key_mask is None else key_mask[:, : batch.width])[:, -1]
+        passes = 1
+        for column in range(batch.width, total):
+            tokens[:, column] = sample_tokens(logits, plan.temperature, plan.top_p, generator)
+            if on_step is not None:
+                on_step(column - batch.width, tokens[:, : column + 1])
+            if column + 1 == total or (plan.stop_at_eos and _all_rows_ended(tokens[:, batch.width:column + 1],
+                                                                             plan.eos_id)):
+                break
+            if cached:
+                here = slice(column, column + 1)
+                logits = _call(model, tokens[:, here], input_pos=slots.new_tensor([column]),
+                               positions=None if padded_positions is None else padded_positions[:, here],
+                               key_mask=key_mask)[:, -1]
+            else:
+                seen = slice(0, column + 1)
+                logits = _call(model, tokens[:, seen],
+                               positions=None if padded_positions is None else padded_positions[:, seen],
+                               key_mask=None if key_mask is None else key_mask[:, seen])[:, -1]
+            passes += 1
+    finally:
+        if cached:
+            model.clear_kv_cache()
+    return tokens, passes
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt_ids: PromptIds, length: int, steps: int | None = None,
+             temperature: float = 0.0, generator: torch.Generator | None = None,
+             on_step: StepCallback | None = None, *, remasking: Remasking = "low_confidence",
+             block_length: int | None = None, cfg_scale: float | None = None, threshold: float | None = None,
+             cache: str | None = None, top_p: float = 1.0, eos_id: int | None = None,
+             stop_at_eos: bool = False) -> Generation:
+    """Generate `length` tokens after each prompt: diffusion sampling for an MDM, left-to-right for an ARM.
+
+    prompt_ids: one prompt (1-D tensor / list of ints), equal-length rows (2-D tensor) or a list of prompts of any
+    lengths. steps (MDM, default `length`), block_length (default `length`: one block), remasking, cfg_scale
+    (None: no guidance), threshold and cache (MDM: none|prefix|dual; ARM: kv|none) are described in the module
+    docstring. on_step(step, tokens) sees the token grid after every step ([MASK] where still hidden).
+    """
+    plan = make_plan(model, length, steps, temperature, remasking=remasking, block_length=block_length,
+                     cfg_scale=cfg_scale, threshold=threshold, cache=cache, top_p=top_p, eos_id=eos_id,
+                     stop_at_eos=stop_at_eos)
+    prompts = _as_prompt_lists(prompt_ids)
+    check_prompts(model, prompts, length)
+    batch = PromptBatch.left_padded(prompts, eos_id if eos_id is not None else 0, model.lm_head.weight.device)
+    sampler = _arm_sample if model.causal else _mdm_sample
+    tokens, passes = sampler(model, batch, plan, generator, on_step)
+    completions = [row[batch.width:] for row in tokens.tolist()]
+    if eos_id is not None:
+        completions = [truncate_at_eos(ids, eos_id) for ids in completions]
+    return Generation(tokens, [len(p) for p in prompts], completions, passes, batch.width)
+
+
+def mdm_generate(model: Transformer, prompt: torch.Tensor, gen_length: int, steps: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None, on_step: StepCallback | None = None) -> torch.Tensor:
+    """Low-confidence remasking in one block: the (B, P + gen_length) tokens; kept for existing callers."""
+    if model.causal:
+        raise SmdmError("diffusion sampling needs an MDM (bidirectional) model, not an ARM")
+    if steps < 1:
+        raise SmdmError(f"steps must be at least 1, got {steps}")
+    return generate(model, prompt, gen_length, min(steps, gen_length), temperature, generator, on_step).tokens
+
+
+def arm_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """KV-cache decoding: the (B, P + max_new_tokens) tokens; kept for existing callers."""
+    if not model.causal:
+        raise SmdmError("autoregressive decoding needs an ARM (causal) model")
+    return generate(model, prompt, max_new_tokens, temperature=temperature, generator=generator).tokens

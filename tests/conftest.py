@@ -28,6 +28,24 @@ def _single_thread_determinism():
     torch.set_num_threads(previous)
 
 
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run `smdm ARGV` in-process: (exit code, stdout, stderr). An escaping exception fails the test."""
+    from smdm.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    """The CLI's contract for bad input: exit code 2 and one `smdm: error:` line naming the problem."""
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("smdm: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
 TOY_TEXT = [
     "the cat sat on the mat and the dog sat on the log.",
     "a bird in the hand is worth two in the bush.",

@@ -1,0 +1,225 @@
+"""Sampling speed and quality: ARM + KV cache against MDM samplers, one model pair, one run.
+
+The pair follows the demo's recipe (the embedded Wikipedia corpus, its 384-token byte-level BPE, `tiny-1m`,
+lr 3e-3, 900 steps of 4096 tokens, stratified t for the MDM) with one change: sequences of 256 tokens
+(batch 16 instead of 32 x 128), so a 256-token sample lies inside the context both models were trained on.
+The MDM samples unconditionally (positions 0..255); the ARM starts from EOS (a document boundary) and feeds
+positions 0..255. Both models are trained the same way on the same data; finished runs are reused.
+
+Quality: generative perplexity = exp(mean NLL of the sample tokens under the ARM, given a leading EOS),
+and the unigram entropy (nats) of each sample's tokens (repetition lowers it), averaged over samples.
+
+    python benchmarks/sampling.py --threads 1               # trains the pair on first use (~20 min, 1 core)
+    python benchmarks/sampling.py --threads 1 --samples 8 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from smdm.checkpoint import load_checkpoint
+from smdm.corpus import default_corpus
+from smdm.data.prepare import PrepareConfig, prepare_corpus, read_documents
+from smdm.model import Transformer
+from smdm.sample import generate
+from smdm.tokenizer import Tokenizer, train_bpe
+from smdm.train import TrainConfig, train
+
+
+def prepare_data(work: Path) -> Path:
+    """The demo's stages 1-3 (corpus, 384-token BPE, shards with 2% validation), reused when present."""
+    tokens = work / "tokens"
+    if (tokens / "manifest.json").exists():
+        return tokens
+    corpus = [default_corpus(work.parent / "cache")]
+    tokenizer_path = work / "tokenizer.json"
+    if not tokenizer_path.exists():
+        train_bpe(read_documents(corpus), 384, tokenizer_path)
+    prepare_corpus(corpus, Tokenizer.from_file(tokenizer_path), tokens, PrepareConfig(val_fraction=0.02))
+    return tokens
+
+
+def train_pair(data: Path, work: Path, threads: int | None, max_steps: int) -> tuple[Path, Path]:
+    """An MDM and an ARM of the same size trained identically on the same data (resumed/reused when done)."""
+    runs = {}
+    for objective in ("mdm", "arm"):
+        out = work / objective
+        summary = out / "summary.json"
+        if not summary.exists():
+            print(f"training the {objective.upper()} -> {out}", flush=True)
+            train(TrainConfig(
+                data_dir=str(data), out_dir=str(out), model="tiny-1m", objective=objective, seq_len=256,
+                batch_size=16, max_steps=max_steps, lr=3e-3, low_discrepancy=objective == "mdm", eval_every=150,
+                save_every=150, eval_blocks=64, threads=threads, resume=True, progress=False,
+            ))
+        runs[objective] = out
+    return runs["mdm"], runs["arm"]
+
+
+@dataclass
+class Method:
+    """One row of the table: a name and the keyword arguments of `generate` (model chosen by `arm`)."""
+
+    name: str
+    arm: bool
+    options: dict
+
+
+def methods(length: int, temperature: float, thresholds: list[float], block: int) -> list[Method]:
+    """ARM + KV cache; MDM low-confidence at steps = L, L/2, L/4; the paper's random sampler; semi-AR blocks alone
+    (the uncached twin of the fast rows); then blocks + prefix or dual cache with threshold decoding (steps = L is
+    only a cap there) and with fewer steps (fixed parallel decoding)."""
+    mdm = {"temperature": temperature}
+    rows = [Method("ARM + KV cache", True, {"temperature": temperature})]
+    for steps in (length, length // 2, length // 4):
+        rows.append(Method(f"MDM low-confidence, {steps} steps", False, {**mdm, "steps": steps}))
+    rows.append(Method(f"MDM random (paper), {length} steps", False, {**mdm, "steps": length, "remasking": "random"}))
+    rows.append(Method(f"MDM low-confidence, block {block}, {length} steps", False,
+                       {**mdm, "steps": length, "block_length": block}))
+    fast = [("prefix", thresholds[0], length)] + [("dual", threshold, length) for threshold in thresholds]
+    fast += [("dual", None, length // 2), ("dual", None, length // 4)]
+    for cache, threshold, steps in fast:
+        decoding = f"threshold {threshold}" if threshold is not None else f"{steps} steps"
+        rows.append(Method(f"MDM {cache} cache + {decoding}, block {block}", False,
+                           {**mdm, "steps": steps, "block_length": block, "cache": cache, "threshold": threshold}))
+    return rows
+
+
+@torch.no_grad()
+def arm_nll(scorer: Transformer, samples: torch.Tensor, bos: int) -> torch.Tensor:
+    """Per-token NLL (nats) of each sample under the ARM, given a leading EOS (a document boundary)."""
+    samples = samples.to(scorer.lm_head.weight.device)
+    inputs = torch.cat([torch.full_like(samples[:, :1], bos), samples[:, :-1]], dim=1)
+    logits = scorer(inputs).float()
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), samples, reduction="none")
+
+
+def unigram_entropy(sample: list[int]) -> float:
+    """Entropy (nats) of one sample's token frequencies: repetitive text scores low."""
+    counts = Counter(sample)
+    total = len(sample)
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+def quality(scorer: Transformer, samples: torch.Tensor, bos: int) -> dict[str, float]:
+    """Generative perplexity under the ARM (all sample tokens; 95% interval over samples) and the mean unigram
+    entropy per sample."""
+    per_sample = arm_nll(scorer, samples, bos).mean(dim=1).double()
+    mean = float(per_sample.mean())
+    half_width = 1.96 * float(per_sample.std()) / math.sqrt(len(per_sample)) if len(per_sample) > 1 else 0.0
+    entropy = sum(unigram_entropy(s) for s in samples.tolist()) / samples.size(0)
+    return {"gen_ppl": math.exp(mean), "gen_ppl_low": math.exp(mean - half_width),
+            "gen_ppl_high": math.exp(mean + half_width), "entropy": entropy}
+
+
+def timed(run: Callable[[], object], repeats: int, device: torch.device) -> tuple[object, float]:
+    """The first result and the fastest wall time of `repeats` runs (shared machines add noise, never remove it)."""
+    best, first = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+        first = result if first is None else first
+    return first, best
+
+
+def run_benchmark(mdm: Transformer, arm: Transformer, eos: int, args: argparse.Namespace) -> list[dict]:
+    """Generate args.samples sequences per method in one batch; time them; score them."""
+    rows = []
+    for method in methods(args.length, args.temperature, args.thresholds, args.block_length):
+        model = arm if method.arm else mdm
+        prompts = [[eos]] * args.samples if method.arm else [[]] * args.samples
+
+        def run(method: Method = method, model: Transformer = model, prompts: list = prompts):
+            return generate(model, prompts, args.length, generator=torch.Generator().manual_seed(args.seed),
+                            **method.options)
+
+        result, seconds = timed(run, args.repeats, mdm.lm_head.weight.device)
+        samples = result.tokens[:, result.width:]
+        scores = quality(arm, samples, eos)
+        rows.append({"method": method.name, "forward_passes": result.forward_passes, "seconds": seconds,
+                     "tokens_per_s": samples.numel() / seconds, **scores})
+        print(f"  {method.name:<45} {result.forward_passes:4d} passes {seconds:7.2f} s  "
+              f"gen ppl {scores['gen_ppl']:7.2f}  entropy {scores['entropy']:.3f}", flush=True)
+    return rows
+
+
+def reference_row(arm: Transformer, data: Path, eos: int, args: argparse.Namespace) -> dict:
+    """The same quality figures for held-out text: what real 256-token windows score."""
+    from smdm.data.packed import PackedDataset
+
+    blocks = PackedDataset(data, "val", seq_len=args.length, shuffle=False).blocks(args.samples).long()
+    return {"method": "held-out text (reference)", **quality(arm, blocks, eos)}
+
+
+def markdown(rows: list[dict], baseline: str) -> str:
+    """The table for docs/benchmarks.md; speed-up is against plain MDM low-confidence at steps = length."""
+    base = next(r for r in rows if r["method"] == baseline)["seconds"]
+    header = "| method | forward passes | wall s | tokens/s | speed-up vs MDM-L | gen. ppl (ARM), 95% CI | unigram entropy |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ppl = f"{r['gen_ppl']:.1f} ({r['gen_ppl_low']:.1f}-{r['gen_ppl_high']:.1f})"
+        if "seconds" not in r:
+            lines.append(f"| {r['method']} | | | | | {ppl} | {r['entropy']:.3f} |")
+            continue
+        lines.append(f"| {r['method']} | {r['forward_passes']} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} | "
+                     f"{base / r['seconds']:.2f}x | {ppl} | {r['entropy']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", default="runs/bench-sampling")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--train-steps", type=int, default=900)
+    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=8, help="sequences per method, generated as one batch")
+    parser.add_argument("--temperature", type=float, default=1.0, help="1.0: the models' own distributions")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.05],
+                        help="confidence thresholds of the fast rows (the first also with the prefix cache)")
+    parser.add_argument("--block-length", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per method (fastest counts)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(work)
+    mdm_dir, arm_dir = train_pair(data, work, args.threads, args.train_steps)
+    if args.train_only:
+        return
+    mdm, arm = load_checkpoint(mdm_dir, args.device).model, load_checkpoint(arm_dir, args.device).model
+    eos = int(json.loads((data / "manifest.json").read_text())["tokenizer"]["eos_id"])
+    print(f"tiny-1m MDM vs ARM, {args.samples} samples x {args.length} tokens, temperature {args.temperature}, "
+          f"{torch.get_num_threads()} thread(s)", flush=True)
+    generate(mdm, [[]], 8, steps=2)  # warm-up: first-call allocations are not sampling cost
+    rows = run_benchmark(mdm, arm, eos, args) + [reference_row(arm, data, eos, args)]
+    table = markdown(rows, f"MDM low-confidence, {args.length} steps")
+    command = "python benchmarks/sampling.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    print(f"\n    {command}\n\n{platform.processor() or platform.machine()}, torch {torch.__version__}\n\n{table}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": command, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
