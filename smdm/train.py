@@ -24,10 +24,6 @@ from tqdm.auto import tqdm
 from smdm.checkpoint import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
 from smdm.config import ModelConfig, non_embedding_params
 from smdm.data.packed import PackedDataset, load_manifest
-from smdm.distributed import (
-    DistInfo, all_reduce_mean, destroy_distributed, device_peak_flops, full_model_state, full_optimizer_state,
-    init_distributed, load_full_optimizer_state, no_gradient_sync, parallelize, resolve_strategy,
-)
 from smdm.diffusion import (
     arm_step_loss,
     forward_process,
@@ -36,6 +32,19 @@ from smdm.diffusion import (
     mdm_step_loss,
     random_length,
     sample_times,
+)
+from smdm.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    destroy_distributed,
+    device_peak_flops,
+    full_model_state,
+    full_optimizer_state,
+    init_distributed,
+    load_full_optimizer_state,
+    no_gradient_sync,
+    parallelize,
+    resolve_strategy,
 )
 from smdm.errors import SmdmError
 from smdm.model import Transformer
