@@ -148,24 +148,43 @@ def _smdm_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], ...]]:
     return shapes
 
 
+# Tensors that only change name: (ours, ML-GSAI/SMDM, HF Llama); "{i}" is the layer index. The rest (embedding,
+# fused QKV, fused gate/up) need a re-layout and are handled by each converter.
+_RENAMES: tuple[tuple[str, str, str], ...] = (
+    ("blocks.{i}.attn_norm.weight", "transformer.h.{i}.norm_1.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("blocks.{i}.attn.proj.weight", "transformer.h.{i}.attn.proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("blocks.{i}.mlp_norm.weight", "transformer.h.{i}.norm_2.weight",
+     "model.layers.{i}.post_attention_layernorm.weight"),
+    ("blocks.{i}.mlp.down.weight", "transformer.h.{i}.mlp.swiglu.w3.weight", "model.layers.{i}.mlp.down_proj.weight"),
+    ("norm.weight", "transformer.ln_f.weight", "model.norm.weight"),
+    ("lm_head.weight", "lm_head.weight", "lm_head.weight"),
+)
+_OURS, _SMDM, _HF = 0, 1, 2
+
+
+def _renamed(sd: Mapping[str, Tensor], config: ModelConfig, source: int, target: int) -> dict[str, Tensor]:
+    """Copy the rename-only tensors from one layout's names to another's."""
+    out: dict[str, Tensor] = {}
+    for names in _RENAMES:
+        layers = range(config.n_layer) if "{i}" in names[source] else (None,)
+        for i in layers:
+            out[names[target].format(i=i)] = sd[names[source].format(i=i)]
+    return out
+
+
 def smdm_state_dict_to_ours(sd: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """Rename and re-layout an ML-GSAI/SMDM (lit-gpt) state dict so the paper's released weights load into ours."""
     what = "an SMDM checkpoint"
     sd = _unwrap(sd, what, config)
     _check_keys(sd, _smdm_shapes(config), what, config)
-    out: dict[str, Tensor] = {"embed.weight": _with_mask_row(sd["transformer.wte.weight"], config)}
+    out = {"embed.weight": _with_mask_row(sd["transformer.wte.weight"], config)}
+    out.update(_renamed(sd, config, _SMDM, _OURS))
     for i in range(config.n_layer):
         src, dst = f"transformer.h.{i}.", f"blocks.{i}."
-        out[dst + "attn_norm.weight"] = sd[src + "norm_1.weight"]
         out[dst + "attn.qkv.weight"] = _grouped_to_split(sd[src + "attn.attn.weight"], config)
-        out[dst + "attn.proj.weight"] = sd[src + "attn.proj.weight"]
-        out[dst + "mlp_norm.weight"] = sd[src + "norm_2.weight"]
         out[dst + "mlp.gate_up.weight"] = torch.cat(
             (sd[src + "mlp.swiglu.w1.weight"], sd[src + "mlp.swiglu.w2.weight"]), dim=0
         )
-        out[dst + "mlp.down.weight"] = sd[src + "mlp.swiglu.w3.weight"]
-    out["norm.weight"] = sd["transformer.ln_f.weight"]
-    out["lm_head.weight"] = sd["lm_head.weight"]
     return out
 
 
@@ -173,20 +192,14 @@ def ours_to_smdm_state_dict(sd: Mapping[str, Tensor], config: ModelConfig) -> di
     """Inverse of `smdm_state_dict_to_ours`, to export our weights for the reference SMDM code (diffusion layout)."""
     sd = _unwrap(sd, "an smdm model state dict", config)
     _check_ours(sd, config)
-    hidden = config.intermediate_size
-    out: dict[str, Tensor] = {"transformer.wte.weight": sd["embed.weight"]}
+    out = {"transformer.wte.weight": sd["embed.weight"]}
+    out.update(_renamed(sd, config, _OURS, _SMDM))
     for i in range(config.n_layer):
         src, dst = f"blocks.{i}.", f"transformer.h.{i}."
-        gate, up = sd[src + "mlp.gate_up.weight"].split(hidden, dim=0)
-        out[dst + "norm_1.weight"] = sd[src + "attn_norm.weight"]
+        gate, up = sd[src + "mlp.gate_up.weight"].split(config.intermediate_size, dim=0)
         out[dst + "attn.attn.weight"] = _split_to_grouped(sd[src + "attn.qkv.weight"], config)
-        out[dst + "attn.proj.weight"] = sd[src + "attn.proj.weight"]
-        out[dst + "norm_2.weight"] = sd[src + "mlp_norm.weight"]
         out[dst + "mlp.swiglu.w1.weight"] = gate.contiguous()
         out[dst + "mlp.swiglu.w2.weight"] = up.contiguous()
-        out[dst + "mlp.swiglu.w3.weight"] = sd[src + "mlp.down.weight"]
-    out["transformer.ln_f.weight"] = sd["norm.weight"]
-    out["lm_head.weight"] = sd["lm_head.weight"]
     return out
 
 
@@ -219,21 +232,16 @@ def hf_llama_state_dict_to_ours(sd: Mapping[str, Tensor], config: ModelConfig) -
     if "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:  # tied embeddings are saved once
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"][: config.vocab_size]
     _check_keys(sd, _hf_shapes(config), what, config)
-    out: dict[str, Tensor] = {"embed.weight": _with_mask_row(sd["model.embed_tokens.weight"], config)}
+    out = {"embed.weight": _with_mask_row(sd["model.embed_tokens.weight"], config)}
+    out.update(_renamed(sd, config, _HF, _OURS))
     for i in range(config.n_layer):
         src, dst = f"model.layers.{i}.", f"blocks.{i}."
-        out[dst + "attn_norm.weight"] = sd[src + "input_layernorm.weight"]
         out[dst + "attn.qkv.weight"] = torch.cat(
             [sd[src + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")], dim=0
         )
-        out[dst + "attn.proj.weight"] = sd[src + "self_attn.o_proj.weight"]
-        out[dst + "mlp_norm.weight"] = sd[src + "post_attention_layernorm.weight"]
         out[dst + "mlp.gate_up.weight"] = torch.cat(
             (sd[src + "mlp.gate_proj.weight"], sd[src + "mlp.up_proj.weight"]), dim=0
         )
-        out[dst + "mlp.down.weight"] = sd[src + "mlp.down_proj.weight"]
-    out["norm.weight"] = sd["model.norm.weight"]
-    out["lm_head.weight"] = sd["lm_head.weight"]
     return out
 
 
@@ -241,25 +249,18 @@ def ours_to_hf_llama_state_dict(sd: Mapping[str, Tensor], config: ModelConfig) -
     """Export our weights as a HF `LlamaForCausalLM` state dict (the [MASK] row is dropped: HF has no such token)."""
     sd = _unwrap(sd, "an smdm model state dict", config)
     _check_ours(sd, config)
-    hs, hidden = config.head_size, config.intermediate_size
-    out: dict[str, Tensor] = {"model.embed_tokens.weight": sd["embed.weight"][: config.vocab_size].contiguous()}
+    hs = config.head_size
+    out = {"model.embed_tokens.weight": sd["embed.weight"][: config.vocab_size].contiguous()}
+    out.update(_renamed(sd, config, _OURS, _HF))
     for i in range(config.n_layer):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
         q, k, v = sd[src + "attn.qkv.weight"].split(
             (config.n_head * hs, config.n_query_groups * hs, config.n_query_groups * hs), dim=0
         )
-        gate, up = sd[src + "mlp.gate_up.weight"].split(hidden, dim=0)
-        out[dst + "input_layernorm.weight"] = sd[src + "attn_norm.weight"]
-        out[dst + "self_attn.q_proj.weight"] = q.contiguous()
-        out[dst + "self_attn.k_proj.weight"] = k.contiguous()
-        out[dst + "self_attn.v_proj.weight"] = v.contiguous()
-        out[dst + "self_attn.o_proj.weight"] = sd[src + "attn.proj.weight"]
-        out[dst + "post_attention_layernorm.weight"] = sd[src + "mlp_norm.weight"]
-        out[dst + "mlp.gate_proj.weight"] = gate.contiguous()
-        out[dst + "mlp.up_proj.weight"] = up.contiguous()
-        out[dst + "mlp.down_proj.weight"] = sd[src + "mlp.down.weight"]
-    out["model.norm.weight"] = sd["norm.weight"]
-    out["lm_head.weight"] = sd["lm_head.weight"]
+        gate, up = sd[src + "mlp.gate_up.weight"].split(config.intermediate_size, dim=0)
+        for name, tensor in (("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v),
+                             ("mlp.gate_proj", gate), ("mlp.up_proj", up)):
+            out[dst + name + ".weight"] = tensor.contiguous()
     return out
 
 
