@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -55,3 +56,164 @@ def sequence_nll(model: Transformer, tokens: torch.Tensor, mc_samples: int = 64,
     if model.causal:
         return arm_nll(model, tokens), 0.0
     return mdm_nll(model, tokens, mc_samples=mc_samples, seed=seed)
+
+
+# --- Conditional scoring: log p(target | prefix), the basis of multiple-choice and LAMBADA-style evaluation ---------
+
+ESTIMATORS = ("count", "bernoulli")
+
+
+class ScoreResult(NamedTuple):
+    """NLL in nats of the target given the prefix (an upper bound for MDM Monte-Carlo), its standard error, cost."""
+
+    nll: float
+    stderr: float
+    target_tokens: int
+    forward_passes: int
+
+
+def _check_pair(model: Transformer, prefix: list[int], target: list[int]) -> None:
+    if not target:
+        raise SmdmError("the target to score is empty")
+    if len(prefix) + len(target) > model.config.block_size:
+        raise SmdmError(f"prefix ({len(prefix)}) + target ({len(target)}) tokens exceed the block size "
+                        f"{model.config.block_size}")
+
+
+def guided_logits(model: Transformer, x: torch.Tensor, prefix_len: int, cfg_scale: float | None) -> torch.Tensor:
+    """Logits with unsupervised classifier-free guidance: cond + w·(cond − uncond) = uncond + (w+1)(cond − uncond).
+
+    The unconditional pass is the same input with the prefix replaced by [MASK] (Nie et al. 2025): no separately
+    trained unconditional model. Both passes run in one batch.
+    """
+    if not cfg_scale:
+        return model(x)
+    uncond = x.clone()
+    uncond[:, :prefix_len] = model.mask_id
+    cond_logits, uncond_logits = model(torch.cat([x, uncond])).float().chunk(2)
+    return cond_logits + cfg_scale * (cond_logits - uncond_logits)
+
+
+def _draw_masks(n: int, length: int, estimator: str, generator: torch.Generator,
+                low_discrepancy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks over the target (n, length) and each draw's weight per masked token.
+
+    count: mask exactly k tokens, k = 1..L stratified over the draws, weight L/k (LLaDA's form of the bound; it
+    never draws an empty mask, so a one-token target is scored exactly). bernoulli: the reference estimator of
+    ML-GSAI/SMDM, each token masked with probability p(t), weight 1/p.
+    """
+    if estimator == "count":
+        u = sample_times(n, generator, low_discrepancy)
+        counts = (u * length).long().clamp_max(length - 1) + 1
+        ranks = torch.rand(n, length, generator=generator).argsort(dim=1).argsort(dim=1)
+        masked = ranks < counts[:, None]
+        return masked, length / counts.double()
+    mask_prob = mask_probability(sample_times(n, generator, low_discrepancy))
+    masked = torch.rand(n, length, generator=generator) < mask_prob[:, None]
+    return masked, 1.0 / mask_prob.double()
+
+
+@torch.no_grad()
+def mc_score(model: Transformer, prefix: list[int], target: list[int], mc_samples: int = 128, batch_size: int = 32,
+             estimator: str = "count", low_discrepancy: bool = True, cfg_scale: float | None = None,
+             seed: int = 0) -> ScoreResult:
+    """Monte-Carlo bound on -log p(target | prefix) for an MDM: only target tokens are masked, the prefix is given.
+
+    Each draw masks part of the target and sums the weighted cross-entropy of the masked tokens; the mean over draws
+    is the bound, reported with its standard error. mc_samples need not divide by batch_size.
+    """
+    if model.causal:
+        raise SmdmError("Monte-Carlo scoring needs an MDM; score an ARM with arm_score")
+    if estimator not in ESTIMATORS:
+        raise SmdmError(f"unknown estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
+    if mc_samples < 2 or batch_size < 1:
+        raise SmdmError("mc_samples must be at least 2 and batch_size at least 1")
+    _check_pair(model, prefix, target)
+    device = model.lm_head.weight.device
+    tokens = torch.tensor(prefix + target, device=device)
+    start = len(prefix)
+    generator = torch.Generator().manual_seed(seed)
+    draws: list[torch.Tensor] = []
+    passes = 0
+    while len(draws) < mc_samples:
+        n = min(batch_size, mc_samples - len(draws))
+        masked, weight = _draw_masks(n, len(target), estimator, generator, low_discrepancy)
+        masked = masked.to(device)
+        x = tokens[None].repeat(n, 1)
+        x[:, start:] = torch.where(masked, torch.full_like(masked, model.mask_id, dtype=torch.long), x[:, start:])
+        logits = guided_logits(model, x, start, cfg_scale)[:, start:]
+        passes += 2 if cfg_scale else 1
+        ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x.new_tensor(target).repeat(n),
+                                               reduction="none").view(n, -1).double()
+        draws.extend(((ce * masked).sum(1) * weight.to(device)).cpu().unbind())
+    values = torch.stack(draws)
+    return ScoreResult(values.mean().item(), (values.std() / math.sqrt(len(values))).item(), len(target), passes)
+
+
+@torch.no_grad()
+def chain_rule_score(model: Transformer, prefix: list[int], target: list[int], batch_size: int = 32,
+                     cfg_scale: float | None = None) -> ScoreResult:
+    """Exact -log p(target | prefix) of an MDM for the left-to-right reveal order: one forward pass per token, batched.
+
+    Row k sees the prefix and target[:k] with the rest masked, and scores target[k].
+    """
+    if model.causal:
+        raise SmdmError("chain-rule scoring of an MDM needs an MDM; score an ARM with arm_score")
+    _check_pair(model, prefix, target)
+    device = model.lm_head.weight.device
+    start, length = len(prefix), len(target)
+    full = torch.tensor(prefix + target, device=device)
+    total, passes = 0.0, 0
+    for first in range(0, length, batch_size):
+        ks = torch.arange(first, min(length, first + batch_size), device=device)
+        x = full[None].repeat(len(ks), 1)
+        columns = torch.arange(length, device=device)[None]
+        x[:, start:] = torch.where(columns >= ks[:, None], torch.full_like(x[:, start:], model.mask_id), x[:, start:])
+        logits = guided_logits(model, x, start, cfg_scale)
+        passes += 2 if cfg_scale else 1
+        rows = torch.arange(len(ks), device=device)
+        log_probs = logits[rows, start + ks].float().log_softmax(-1)
+        total -= log_probs[rows, full[start + ks]].sum().item()
+    return ScoreResult(total, 0.0, length, passes)
+
+
+@torch.no_grad()
+def arm_score(model: Transformer, prefix: list[int], target: list[int]) -> ScoreResult:
+    """Exact -log p(target | prefix) of an ARM in one forward pass; the prefix must hold at least one token."""
+    if not model.causal:
+        raise SmdmError("arm_score needs an ARM; score an MDM with mc_score or chain_rule_score")
+    if not prefix:
+        raise SmdmError("an ARM needs a non-empty prefix (e.g. BOS or EOS) to score a target")
+    _check_pair(model, prefix, target)
+    device = model.lm_head.weight.device
+    tokens = torch.tensor(prefix + target, device=device)[None]
+    log_probs = model(tokens[:, :-1]).float().log_softmax(-1)[0, len(prefix) - 1:]
+    nll = -log_probs.gather(-1, tokens[0, len(prefix):, None]).sum().item()
+    return ScoreResult(nll, 0.0, len(target), 1)
+
+
+def score(model: Transformer, prefix: list[int], target: list[int], method: str = "mc", **options) -> ScoreResult:
+    """One entry for both families: an ARM is scored exactly; an MDM by Monte Carlo ("mc") or chain rule ("chain")."""
+    if model.causal:
+        if options.get("cfg_scale"):
+            raise SmdmError("classifier-free guidance needs an MDM, not an ARM")
+        return arm_score(model, prefix, target)
+    if method == "mc":
+        return mc_score(model, prefix, target, **options)
+    if method == "chain":
+        allowed = {k: v for k, v in options.items() if k in ("batch_size", "cfg_scale")}
+        return chain_rule_score(model, prefix, target, **allowed)
+    raise SmdmError(f"unknown likelihood method {method!r}; use mc or chain")
+
+
+def is_greedy_continuation(model: Transformer, prefix: list[int], target: list[int]) -> bool:
+    """Would greedy decoding produce exactly the target after the prefix? (LAMBADA-style accuracy.)
+
+    MDM: low-confidence remasking with one token revealed per step; ARM: greedy decoding with the KV cache.
+    """
+    from smdm.sample import generate
+
+    _check_pair(model, prefix, target)
+    steps = None if model.causal else len(target)
+    result = generate(model, [prefix], len(target), steps=steps, temperature=0.0)
+    return result.completions[0] == target
