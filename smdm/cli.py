@@ -142,14 +142,24 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_likelihood(args: argparse.Namespace) -> None:
     import torch
 
-    from smdm.likelihood import sequence_nll
+    from smdm.likelihood import score, sequence_nll
 
     checkpoint, tokenizer = _load_for_inference(args.checkpoint, args.tokenizer, args.device)
     ids = tokenizer.encode(args.text)
     if not ids:
         raise SmdmError("the text is empty")
-    nll, stderr = sequence_nll(checkpoint.model, torch.tensor(ids), mc_samples=args.mc_samples, seed=args.seed)
-    print(json.dumps({"tokens": len(ids), "nll_nats": nll, "stderr": stderr, "nats_per_token": nll / len(ids)}))
+    if args.prefix is None:
+        nll, stderr = sequence_nll(checkpoint.model, torch.tensor(ids), mc_samples=args.mc_samples, seed=args.seed)
+        print(json.dumps({"tokens": len(ids), "nll_nats": nll, "stderr": stderr, "nats_per_token": nll / len(ids)}))
+        return
+    prefix = tokenizer.encode(args.prefix)
+    options = {"cfg_scale": args.cfg_scale} if args.cfg_scale else {}
+    if args.method == "mc" and not checkpoint.model.causal:
+        options.update(mc_samples=args.mc_samples, seed=args.seed)
+    result = score(checkpoint.model, prefix, ids, method=args.method, **options)
+    print(json.dumps({"prefix_tokens": len(prefix), "tokens": len(ids), "nll_nats": result.nll,
+                      "stderr": result.stderr, "nats_per_token": result.nll / len(ids),
+                      "forward_passes": result.forward_passes}))
 
 
 def cmd_configs(args: argparse.Namespace) -> None:
@@ -251,7 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("likelihood", help="NLL of a text (MDM: Monte-Carlo ELBO bound; ARM: exact)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--text", required=True)
+    p.add_argument("--text", required=True, help="the text to score (the target when --prefix is given)")
+    p.add_argument("--prefix", help="score --text as a continuation of this prefix: -log p(text | prefix)")
+    p.add_argument("--method", choices=["mc", "chain"], default="mc",
+                   help="MDM with --prefix: Monte-Carlo bound or exact left-to-right chain rule")
+    p.add_argument("--cfg-scale", type=float, default=None, help="MDM with --prefix: unsupervised CFG weight")
     p.add_argument("--mc-samples", type=int, default=128)
     p.add_argument("--tokenizer")
     p.add_argument("--seed", type=int, default=0)

@@ -79,6 +79,20 @@ def test_sample_and_likelihood_happy_path(capsys, trained_checkpoint):
     assert result["nll_nats"] > 0 and result["stderr"] > 0
 
 
+def test_conditional_likelihood(capsys, trained_checkpoint):
+    results = {}
+    for method in ("mc", "chain"):
+        code, out, err = run_cli(capsys, "likelihood", "--checkpoint", str(trained_checkpoint), "--prefix", "the cat",
+                                 "--text", " sat", "--method", method, "--mc-samples", "8")
+        assert code == 0, err
+        results[method] = json.loads(out)
+    assert results["chain"]["stderr"] == 0 and results["mc"]["nll_nats"] > 0
+    assert results["chain"]["forward_passes"] == 1  # every reveal step of a short target in one batched pass
+    code, _, err = run_cli(capsys, "likelihood", "--checkpoint", str(trained_checkpoint), "--prefix", "the cat",
+                           "--text", "", "--method", "chain")
+    assert_one_line_error(code, err, "empty")
+
+
 def test_tokenizer_vocab_disagrees_with_checkpoint(capsys, tmp_path, trained_checkpoint):
     from smdm.tokenizer import train_bpe
 
