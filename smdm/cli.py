@@ -162,6 +162,24 @@ def cmd_likelihood(args: argparse.Namespace) -> None:
                       "forward_passes": result.forward_passes}))
 
 
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    from smdm.tasks.temporal import parse_corpus_spec, temporal_study, write_report
+
+    checkpoints, tokenizer = {}, None
+    for path in args.checkpoint:
+        checkpoint, its_tokenizer = _load_for_inference(path, args.tokenizer, args.device)
+        if tokenizer is not None and its_tokenizer.fingerprint != tokenizer.fingerprint:
+            raise SmdmError(f"{path} uses another tokenizer than {args.checkpoint[0]}: scores would not compare")
+        tokenizer = its_tokenizer
+        name = f"{checkpoint.meta.get('objective', 'model').upper()} {Path(path).name}"
+        checkpoints[name] = checkpoint
+    corpora = dict(parse_corpus_spec(spec) for spec in args.corpus)
+    rows = temporal_study(checkpoints, tokenizer, corpora, args.seq_len, args.max_blocks, args.mc_samples)
+    for path in write_report(rows, Path(args.out)):
+        print(f"wrote {path}")
+    print((Path(args.out) / "temporal.md").read_text(), end="")
+
+
 def cmd_configs(args: argparse.Namespace) -> None:
     from smdm.config import CONFIGS, non_embedding_params, total_params
 
@@ -271,6 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_likelihood)
+
+    p = sub.add_parser("perplexity", help="score corpora (e.g. text from different years) with MDMs and ARMs")
+    p.add_argument("--checkpoint", action="append", required=True, help="repeatable: MDM and/or ARM checkpoints")
+    p.add_argument("--corpus", action="append", required=True, help="repeatable LABEL=GLOB, e.g. 1990s='sotu/199*'")
+    p.add_argument("--out", required=True, help="directory for temporal.json / .md / .png")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--max-blocks", type=int, default=32, help="blocks scored per corpus")
+    p.add_argument("--mc-samples", type=int, default=64, help="MDM draws per block")
+    p.add_argument("--tokenizer")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("configs", help="list the named model configs")
     p.set_defaults(func=cmd_configs)
