@@ -26,12 +26,8 @@ from smdm.config import ModelConfig, non_embedding_params
 from smdm.data.packed import PackedDataset, load_manifest
 from smdm.diffusion import (
     arm_step_loss,
-    forward_process,
-    mask_probability,
-    mdm_loss,
     mdm_step_loss,
     random_length,
-    sample_times,
 )
 from smdm.distributed import (
     DistInfo,
@@ -187,9 +183,7 @@ def evaluate(model: Transformer, blocks: torch.Tensor, objective: Objective, mc_
                 continue
             for draw in range(mc_samples):
                 generator = torch.Generator().manual_seed(seed + 7919 * draw + start)
-                mask_prob = mask_probability(sample_times(batch.size(0), generator, low_discrepancy=True))
-                noisy, masked = forward_process(batch, mask_prob, model.mask_id, generator)
-                total += mdm_loss(model(noisy), batch, masked, mask_prob).item() * batch.size(0)
+                total += mdm_step_loss(model, batch, generator, low_discrepancy=True).item() * batch.size(0)
                 count += batch.size(0)
     model.train(was_training)
     return total / count
