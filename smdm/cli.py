@@ -13,11 +13,15 @@ from pathlib import Path
 from smdm.errors import SmdmError
 
 
-def _add_train_args(parser: argparse.ArgumentParser) -> None:
+def _add_train_args(parser: argparse.ArgumentParser, sft: bool = False) -> None:
     from smdm.train import TrainConfig
 
     defaults = TrainConfig(data_dir="", out_dir="")
-    parser.add_argument("--data", required=True, help="directory written by `smdm prepare`")
+    if sft:
+        parser.add_argument("--data", required=True, nargs="+",
+                            help="jsonl: prompt/completion, prompt/response, question/answer, or chat messages")
+    else:
+        parser.add_argument("--data", required=True, help="directory written by `smdm prepare`")
     parser.add_argument("--out", required=True, help="run directory (metrics, checkpoint, summary)")
     parser.add_argument("--model", default=defaults.model, help="named config, see `smdm configs`")
     parser.add_argument("--objective", choices=["mdm", "arm"], default=defaults.objective)
@@ -25,6 +29,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--max-steps", type=int)
     budget.add_argument("--max-tokens", type=int)
     budget.add_argument("--flops", type=float, help="compute budget C = 6·N·D")
+    budget.add_argument("--epochs", type=float, help="passes over the training examples/blocks")
     for name in ("seq_len", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                  "grad_clip", "random_length_prob", "eval_every", "eval_blocks", "eval_mc_samples", "save_every",
                  "log_every", "seed", "threads"):
@@ -45,13 +50,31 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from smdm.train import TrainConfig, train
+def _train_config(args: argparse.Namespace, data_dir: str):
+    from smdm.train import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    summary = train(TrainConfig(data_dir=args.data, out_dir=args.out, progress=not args.no_progress,
-                                **{k: v for k, v in values.items() if k not in ("data_dir", "out_dir", "progress")}))
+    return TrainConfig(data_dir=data_dir, out_dir=args.out, progress=not args.no_progress,
+                       **{k: v for k, v in values.items() if k not in ("data_dir", "out_dir", "progress")})
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from smdm.train import train
+
+    print(json.dumps(train(_train_config(args, args.data)), indent=2))
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from smdm.data.sft import SFTConfig
+    from smdm.finetune import finetune
+
+    sft_config = SFTConfig(template=args.template, mode=args.mode, prompt_field=args.prompt_field,
+                           response_field=args.response_field, val_fraction=args.val_fraction,
+                           skip_bad_lines=args.skip_bad_lines, bos=args.bos, seed=args.seed)
+    config = _train_config(args, "")
+    sft_config.seq_len, config.seq_len = config.seq_len, None
+    summary = finetune(args.data, config, sft_config, tokenizer=args.tokenizer)
     print(json.dumps(summary, indent=2))
 
 
@@ -247,6 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pre-train an MDM or an ARM")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sft", help="fine-tune on prompt/response pairs (loss on the response only)")
+    _add_train_args(p, sft=True)
+    p.add_argument("--tokenizer", help="default: the tokenizer stored with --init-from")
+    p.add_argument("--prompt-dropout", type=float, default=0.0,
+                   help="MDM: mask each example's whole prompt with this probability (trains standard CFG)")
+    p.add_argument("--template", choices=["plain", "chat"], default="plain",
+                   help="plain: prompt text + response text; chat: role-tagged turns")
+    p.add_argument("--mode", choices=["response", "text"], default="response",
+                   help="text: train on prompt+response as one text (the reversal-curse recipe)")
+    p.add_argument("--prompt-field")
+    p.add_argument("--response-field")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines instead of failing")
+    p.add_argument("--bos", action="store_true", help="prepend BOS to every prompt")
+    p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint (MDM samplers or ARM decoding)")
     p.add_argument("--checkpoint", required=True)

@@ -95,3 +95,49 @@ def random_length(tokens: torch.Tensor, probability: float, generator: torch.Gen
         return tokens
     length = int(torch.randint(min_length, tokens.size(1) + 1, (1,), generator=generator))
     return tokens[:, :length]
+
+
+# --- Supervised fine-tuning: the prompt stays clean and out of the loss -----------------------------------------------
+
+def response_positions(prompt_lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L) boolean: True at response positions (index >= the row's prompt length)."""
+    return torch.arange(length, device=prompt_lengths.device)[None, :] >= prompt_lengths[:, None]
+
+
+def mdm_sft_step_loss(model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
+                      generator: torch.Generator | None = None, prompt_dropout: float = 0.0,
+                      low_discrepancy: bool = False, eps: float = MASK_EPS,
+                      mask_id: int | None = None) -> torch.Tensor:
+    """One draw of the SFT loss: only response tokens are masked; each row's sum of CE/p is divided by its response
+    length (so long answers do not dominate), then averaged over rows.
+
+    prompt_dropout: each row's whole prompt is replaced by [MASK] independently with this probability — standard
+    classifier-free-guidance training (the unconditional model is the same network with the prompt hidden). The
+    dropped prompt is still never a target. 0 keeps the paper's *unsupervised* CFG setting.
+    """
+    mask_id = model.mask_id if mask_id is None else mask_id
+    batch, length = tokens.shape
+    prompt_lengths = prompt_lengths.to(tokens.device)
+    response = response_positions(prompt_lengths, length)
+    t = sample_times(batch, generator, low_discrepancy)
+    mask_prob = mask_probability(t, eps)
+    noisy, masked = forward_process(tokens, mask_prob, mask_id, generator, maskable=response)
+    if prompt_dropout > 0:
+        dropped = (torch.rand(batch, generator=generator) < prompt_dropout).to(tokens.device)
+        noisy = torch.where(dropped[:, None] & ~response, torch.full_like(noisy, mask_id), noisy)
+    response_length = (length - prompt_lengths).clamp_min(1).double()
+    rows = masked.nonzero()[:, 0]
+    token_ce = F.cross_entropy(model(noisy, select=masked).float(), tokens[masked], reduction="none")
+    weights = 1.0 / (mask_prob.to(tokens.device).double()[rows] * response_length[rows])
+    return (token_ce * weights.float()).sum() / batch
+
+
+def arm_sft_step_loss(model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """Next-token loss on response targets only, per row divided by its number of response targets, then averaged."""
+    length = tokens.size(1)
+    logits = model(tokens[:, :-1])
+    token_ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+    token_ce = token_ce.view(tokens.size(0), length - 1)
+    targets = response_positions(prompt_lengths.to(tokens.device), length)[:, 1:]
+    per_row = (token_ce * targets).sum(1) / targets.sum(1).clamp_min(1)
+    return per_row.mean()

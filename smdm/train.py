@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -24,8 +25,11 @@ from tqdm.auto import tqdm
 from smdm.checkpoint import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
 from smdm.config import ModelConfig, non_embedding_params
 from smdm.data.packed import PackedDataset, load_manifest
+from smdm.data.sft import SFTDataset, is_sft_data
 from smdm.diffusion import (
+    arm_sft_step_loss,
     arm_step_loss,
+    mdm_sft_step_loss,
     mdm_step_loss,
     random_length,
 )
@@ -69,9 +73,11 @@ class TrainConfig:
     max_steps: int | None = None
     max_tokens: int | None = None
     flops: float | None = None  # C = 6·N·D
+    epochs: float | None = None  # passes over the training split (natural for SFT)
     stop_after_steps: int | None = None  # end this job early (with a checkpoint); resume later: time-sliced jobs
     random_length_prob: float = 0.01  # fraction of batches cut to a random length
     low_discrepancy: bool = False  # stratified t across a batch for the MDM training loss
+    prompt_dropout: float = 0.0  # SFT, MDM: hide each example's whole prompt with this probability (standard CFG)
     eval_every: int = 100
     eval_blocks: int = 32  # validation blocks
     eval_mc_samples: int = 4  # MDM: mask draws averaged per validation block
@@ -91,9 +97,9 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        budgets = [b for b in (self.max_steps, self.max_tokens, self.flops) if b is not None]
+        budgets = [b for b in (self.max_steps, self.max_tokens, self.flops, self.epochs) if b is not None]
         if len(budgets) != 1:
-            raise SmdmError("give exactly one budget: --max-steps, --max-tokens or --flops")
+            raise SmdmError("give exactly one budget: --max-steps, --max-tokens, --flops or --epochs")
         if any(b <= 0 for b in budgets):
             raise SmdmError("the training budget must be positive")
         if self.objective not in ("mdm", "arm"):
@@ -106,6 +112,10 @@ class TrainConfig:
             raise SmdmError("random_length_prob must lie in [0, 1]")
         if self.lr <= 0:
             raise SmdmError("lr must be positive")
+        if not 0 <= self.prompt_dropout < 1:
+            raise SmdmError("prompt_dropout must lie in [0, 1)")
+        if self.prompt_dropout > 0 and self.objective == "arm":
+            raise SmdmError("prompt dropout trains classifier-free guidance, which only MDMs support")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,10 +141,15 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr_rati
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def total_steps_for(config: TrainConfig, tokens_per_step: int, n_params: int) -> int:
-    """Optimizer steps implied by the budget; FLOPs use C = 6·N·D."""
+def total_steps_for(config: TrainConfig, tokens_per_step: int, n_params: int, rows: int | None = None,
+                    rows_per_step: int | None = None) -> int:
+    """Optimizer steps implied by the budget; FLOPs use C = 6·N·D; epochs need the split's rows per step."""
     if config.max_steps is not None:
         return int(config.max_steps)
+    if config.epochs is not None:
+        if not rows or not rows_per_step:
+            raise SmdmError("an --epochs budget needs a dataset with a known number of rows")
+        return max(1, math.ceil(config.epochs * rows / rows_per_step))
     if config.max_tokens is not None:
         tokens = config.max_tokens
     else:
@@ -168,8 +183,11 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.de
 @torch.no_grad()
 def evaluate(model: Transformer, blocks: torch.Tensor, objective: Objective, mc_samples: int = 4,
              batch_size: int = 16, device: torch.device | str = "cpu", dtype: str = "auto",
-             seed: int = 1234) -> float:
-    """Validation loss in nats/token. MDM: the ELBO bound averaged over mc_samples fixed mask draws per block."""
+             seed: int = 1234, prompt_lengths: torch.Tensor | None = None) -> float:
+    """Validation loss in nats/token. MDM: the ELBO bound averaged over mc_samples fixed mask draws per block.
+
+    With `prompt_lengths` (SFT rows) the loss covers response tokens only, as in training.
+    """
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -177,13 +195,19 @@ def evaluate(model: Transformer, blocks: torch.Tensor, objective: Objective, mc_
     with autocast_context(device, dtype):
         for start in range(0, blocks.size(0), batch_size):
             batch = blocks[start:start + batch_size].to(device)
+            lengths = None if prompt_lengths is None else prompt_lengths[start:start + batch_size]
             if objective == "arm":
-                total += arm_step_loss(model, batch).item() * batch.size(0)
+                loss = arm_step_loss(model, batch) if lengths is None else arm_sft_step_loss(model, batch, lengths)
+                total += loss.item() * batch.size(0)
                 count += batch.size(0)
                 continue
             for draw in range(mc_samples):
                 generator = torch.Generator().manual_seed(seed + 7919 * draw + start)
-                total += mdm_step_loss(model, batch, generator, low_discrepancy=True).item() * batch.size(0)
+                if lengths is None:
+                    loss = mdm_step_loss(model, batch, generator, low_discrepancy=True)
+                else:
+                    loss = mdm_sft_step_loss(model, batch, lengths, generator, low_discrepancy=True)
+                total += loss.item() * batch.size(0)
                 count += batch.size(0)
     model.train(was_training)
     return total / count
@@ -231,26 +255,47 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     out_dir = Path(config.out_dir)
     checkpoint_dir = out_dir / "checkpoint"
 
-    vocab_size = int(load_manifest(config.data_dir)["tokenizer"]["vocab_size"])
+    sft = is_sft_data(config.data_dir)
+    manifest = SFTDataset(config.data_dir).manifest if sft else load_manifest(config.data_dir)
+    vocab_size = int(manifest["tokenizer"]["vocab_size"])
     initial = load_checkpoint(config.init_from) if config.init_from and not config.resume else None
     if initial is not None and initial.config.vocab_size != vocab_size:
         raise SmdmError(f"{config.init_from}: vocabulary {initial.config.vocab_size} != data's {vocab_size}")
+    if initial is not None and initial.meta.get("objective", config.objective) != config.objective:
+        raise SmdmError(f"{config.init_from}: an {initial.meta['objective']} checkpoint cannot start an "
+                        f"{config.objective} run; pass --objective {initial.meta['objective']}")
     model_config = initial.config if initial else ModelConfig.from_name(config.model, vocab_size=vocab_size)
-    seq_len = config.seq_len or model_config.block_size
+    if sft:  # rows have the length fixed when the examples were prepared
+        seq_len = int(manifest["seq_len"])
+        if config.seq_len is not None and config.seq_len != seq_len:
+            raise SmdmError(f"{config.data_dir}: SFT rows are {seq_len} tokens, not --seq-len {config.seq_len}")
+    else:
+        seq_len = config.seq_len or model_config.block_size
     if seq_len > model_config.block_size:
-        raise SmdmError(f"seq_len {seq_len} is longer than the block size {model_config.block_size} of {config.model}")
-    # An ARM block carries one extra token so it predicts seq_len targets, like the MDM sees seq_len tokens.
-    block_len = seq_len + 1 if config.objective == "arm" else seq_len
-    train_data = PackedDataset(config.data_dir, "train", seq_len=block_len, seed=config.seed,
-                               rank=info.rank, world_size=info.world_size)
-    val_blocks = PackedDataset(config.data_dir, "val", seq_len=block_len, shuffle=False).blocks(config.eval_blocks)
+        raise SmdmError(f"seq_len {seq_len} is longer than the block size {model_config.block_size} of "
+                        f"{model_config.name}")
+    val_prompt_lengths = None
+    if sft:
+        train_data = SFTDataset(config.data_dir, "train", seed=config.seed, rank=info.rank,
+                                world_size=info.world_size)
+        if len(train_data) == 0:
+            raise SmdmError(f"{config.data_dir}: no training examples")
+        val_split = "val" if manifest["splits"].get("val", {}).get("examples") else "train"
+        val_blocks, val_prompt_lengths = SFTDataset(config.data_dir, val_split, shuffle=False).rows(config.eval_blocks)
+    else:
+        # An ARM block carries one extra token so it predicts seq_len targets, like the MDM sees seq_len tokens.
+        block_len = seq_len + 1 if config.objective == "arm" else seq_len
+        train_data = PackedDataset(config.data_dir, "train", seq_len=block_len, seed=config.seed,
+                                   rank=info.rank, world_size=info.world_size)
+        val_blocks = PackedDataset(config.data_dir, "val", seq_len=block_len, shuffle=False).blocks(config.eval_blocks)
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = Transformer(model_config, causal=config.objective == "arm")
     n_params = non_embedding_params(model_config)
     tokens_per_step = config.batch_size * config.grad_accum * seq_len * info.world_size
-    total_steps = total_steps_for(config, tokens_per_step, n_params)
+    total_steps = total_steps_for(config, tokens_per_step, n_params, rows=len(train_data),
+                                  rows_per_step=config.batch_size * config.grad_accum * info.world_size)
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 100)
 
     tokenizer_info = train_data.manifest.get("tokenizer", {})
@@ -291,6 +336,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
         "objective": config.objective,
         "tokenizer": {k: tokenizer_info.get(k) for k in ("fingerprint", "vocab_size", "eos_id")},
         "non_embedding_params": n_params,
+        "sft": sft,
     }
     tokenizer_file = Path(tokenizer_info["path"]) if tokenizer_info.get("path") else None
     if tokenizer_file is not None and not tokenizer_file.is_file():
@@ -322,19 +368,28 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
         for micro in range(config.grad_accum):
             # Keyed by the global micro-batch index, so N ranks x k micro-batches replay 1 rank x N·k exactly.
             generator = step_generator(config.seed, step, micro * info.world_size + info.rank)
-            tokens = train_data.next_batch(config.batch_size)
-            tokens = random_length(tokens, config.random_length_prob, generator,
-                                   min_length=2 if config.objective == "arm" else 1).to(device)
+            if sft:
+                tokens, prompt_lengths = train_data.next_batch(config.batch_size)
+                tokens = tokens.to(device)
+            else:
+                tokens = train_data.next_batch(config.batch_size)
+                tokens = random_length(tokens, config.random_length_prob, generator,
+                                       min_length=2 if config.objective == "arm" else 1).to(device)
             last = micro == config.grad_accum - 1
             with no_gradient_sync(train_model, strategy, last), autocast_context(device, config.dtype):
-                if config.objective == "mdm":
+                if sft and config.objective == "mdm":
+                    loss = mdm_sft_step_loss(train_model, tokens, prompt_lengths, generator, config.prompt_dropout,
+                                             config.low_discrepancy, mask_id=model.mask_id)
+                elif sft:
+                    loss = arm_sft_step_loss(train_model, tokens, prompt_lengths)
+                elif config.objective == "mdm":
                     loss = mdm_step_loss(train_model, tokens, generator, config.low_discrepancy,
                                          mask_id=model.mask_id)
                 else:
                     loss = arm_step_loss(train_model, tokens)
                 (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
-            window_tokens += tokens.size(0) * (tokens.size(1) - (config.objective == "arm"))
+            window_tokens += tokens.size(0) * (tokens.size(1) - (config.objective == "arm" and not sft))
         grad_norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -363,16 +418,16 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
             window_start, window_tokens = time.perf_counter(), 0
         if done % config.eval_every == 0 or done == total_steps:
             val_loss = evaluate(model, val_blocks, config.objective, config.eval_mc_samples,
-                                config.eval_batch_size, device, config.dtype)
+                                config.eval_batch_size, device, config.dtype, prompt_lengths=val_prompt_lengths)
             if log is not None:
                 log.write({"step": done, "tokens": tokens_seen, "val_loss": val_loss})
-                bar.write(f"step {done}: val loss {val_loss:.4f} nats/token")
+                bar.write(f"step {done}: val loss {val_loss:.4f} nats/token", file=sys.stderr)
         if done % config.save_every == 0 or done in (total_steps, end_step):
             checkpoint(done, tokens_seen)
 
     if start_step >= total_steps and val_loss is None:
         val_loss = evaluate(model, val_blocks, config.objective, config.eval_mc_samples,
-                            config.eval_batch_size, device, config.dtype)
+                            config.eval_batch_size, device, config.dtype, prompt_lengths=val_prompt_lengths)
     summary = {
         "objective": config.objective, "model": model_config.name, "non_embedding_params": n_params,
         "steps": total_steps, "tokens": tokens_seen, "flops_6nd": 6.0 * n_params * tokens_seen,

@@ -1,0 +1,303 @@
+"""Supervised fine-tuning data: (prompt, response) pairs tokenized once into fixed-length rows padded with EOS.
+
+Each row stores the prompt length, so the objective can keep the prompt clean (never masked, never in the loss)
+and learn to end the response: the EOS padding belongs to the response, as in LLaDA/SMDM, so a model that has
+said all it wants predicts EOS for every remaining position and variable-length answers fall out of fixed-length
+generation. `mode="text"` instead keeps the whole prompt+response as one text with loss everywhere — the paper's
+recipe for the reversal curse, where the model must learn both directions of every fact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from smdm.data.prepare import token_dtype
+from smdm.errors import SmdmError
+from smdm.tokenizer import Tokenizer
+
+SFT_FORMAT = "smdm-sft-v1"
+MANIFEST = "manifest.json"
+# Field pairs recognised without configuration, in order of preference.
+FIELD_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"), ("instruction", "output"))
+CHAT_USER, CHAT_ASSISTANT = "<|user|>\n", "<|assistant|>\n"
+
+
+@dataclass
+class SFTConfig:
+    """How jsonl examples become token rows; recorded in the manifest."""
+
+    template: Literal["plain", "chat"] = "plain"  # plain: prompt text + response text; chat: role-tagged turns
+    mode: Literal["response", "text"] = "response"  # text: prompt+response as one text, loss on every token
+    prompt_field: str | None = None  # default: detected from FIELD_PAIRS or a "messages" list
+    response_field: str | None = None
+    seq_len: int | None = None  # row length; default: the longest example (at most max_len)
+    max_len: int | None = None  # examples longer than this are counted and skipped (the model's context)
+    val_fraction: float = 0.0
+    seed: int = 0
+    bos: bool = False  # prepend the tokenizer's BOS to every prompt
+    skip_bad_lines: bool = False  # malformed lines: skip and count (True) or fail with file:line (False)
+
+
+@dataclass
+class Example:
+    prompt: str
+    response: str
+
+
+def render_chat(messages: list[dict], where: str) -> Example:
+    """A conversation as (everything up to the last assistant turn, that turn) in a role-tagged template."""
+    if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+        raise SmdmError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    if messages[-1].get("role") != "assistant":
+        raise SmdmError(f"{where}: the last message must be the assistant's (the response to learn)")
+    prompt = "".join(
+        (CHAT_USER if m.get("role") != "assistant" else CHAT_ASSISTANT) + m["content"] + "\n" for m in messages[:-1]
+    )
+    return Example(prompt + CHAT_ASSISTANT, messages[-1]["content"])
+
+
+def chat_prompt(turns: Sequence[tuple[str, str | None]]) -> str:
+    """The chat template of a prompt: (user, assistant) turns, the last assistant turn None (to be generated)."""
+    text = ""
+    for user, assistant in turns:
+        text += CHAT_USER + user + "\n" + CHAT_ASSISTANT
+        if assistant is not None:
+            text += assistant + "\n"
+    return text
+
+
+def _example_from(obj: object, config: SFTConfig, where: str) -> Example:
+    if not isinstance(obj, dict):
+        raise SmdmError(f"{where}: expected a JSON object")
+    if "messages" in obj and config.prompt_field is None:
+        return render_chat(obj["messages"], where)
+    if config.prompt_field is not None:
+        pair = (config.prompt_field, config.response_field or "response")
+    else:
+        pair = next((p for p in FIELD_PAIRS if p[0] in obj and p[1] in obj), None)
+        if pair is None:
+            known = ", ".join(f"{a}/{b}" for a, b in FIELD_PAIRS)
+            raise SmdmError(f"{where}: no prompt/response fields (expected one of {known}, or messages)")
+    missing = [k for k in pair if k not in obj]
+    if missing:
+        raise SmdmError(f"{where}: missing field {missing[0]!r}")
+    prompt, response = obj[pair[0]], obj[pair[1]]
+    if not isinstance(prompt, str) or not isinstance(response, str):
+        raise SmdmError(f"{where}: fields {pair[0]!r} and {pair[1]!r} must be strings")
+    if config.template == "chat":
+        return Example(chat_prompt([(prompt, None)]), response)
+    return Example(prompt, response)
+
+
+def read_examples(path: str | Path, config: SFTConfig | None = None) -> tuple[list[Example], list[str]]:
+    """Examples of a jsonl file and the problems of the lines skipped (only with skip_bad_lines)."""
+    config = config or SFTConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise SmdmError(f"{path}: no such file")
+    examples: list[Example] = []
+    problems: list[str] = []
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    raise SmdmError(f"{where}: not UTF-8") from None
+                if not line:
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SmdmError(f"{where}: bad JSON ({exc.msg})") from None
+                example = _example_from(obj, config, where)
+                if not example.response.strip():
+                    raise SmdmError(f"{where}: empty response")
+                examples.append(example)
+            except SmdmError as error:
+                if not config.skip_bad_lines:
+                    raise
+                problems.append(str(error))
+    if not examples:
+        raise SmdmError(f"{path}: no usable examples")
+    return examples, problems
+
+
+def encode_example(example: Example, tokenizer: Tokenizer, config: SFTConfig) -> tuple[list[int], int]:
+    """(ids, prompt length) with one EOS after the response; in text mode the prompt length is 0."""
+    prompt = tokenizer.encode(example.prompt, bos=config.bos) if example.prompt else (
+        [tokenizer.bos_id] if config.bos and tokenizer.bos_id is not None else [])
+    response = tokenizer.encode(example.response, eos=True)
+    return prompt + response, 0 if config.mode == "text" else len(prompt)
+
+
+def prepare_sft(paths: Sequence[str | Path], tokenizer: Tokenizer, out_dir: str | Path,
+                config: SFTConfig | None = None) -> dict:
+    """Tokenize jsonl examples into train/val rows (tokens.npy, prompt_lengths.npy) and a manifest, atomically."""
+    config = config or SFTConfig()
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise SmdmError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
+    if not paths:
+        raise SmdmError("no SFT files given")
+    examples: list[Example] = []
+    problems: list[str] = []
+    for path in paths:
+        found, bad = read_examples(path, config)
+        examples += found
+        problems += bad
+    encoded = [encode_example(e, tokenizer, config) for e in examples]
+    limit = config.max_len
+    if config.seq_len is not None:
+        limit = config.seq_len if limit is None else min(limit, config.seq_len)
+    kept = [(ids, n) for ids, n in encoded if limit is None or len(ids) <= limit]
+    too_long = len(encoded) - len(kept)
+    # A prompt that fills the row leaves nothing to learn.
+    kept = [(ids, n) for ids, n in kept if n < len(ids)]
+    if not kept:
+        raise SmdmError(f"all {len(encoded)} examples are longer than {limit} tokens; raise --seq-len or shorten them")
+    seq_len = config.seq_len or max(len(ids) for ids, _ in kept)
+
+    order = np.random.default_rng(config.seed).permutation(len(kept))
+    n_val = 0 if config.val_fraction == 0 else min(len(kept) - 1, max(1, round(len(kept) * config.val_fraction)))
+    splits = {"val": order[:n_val], "train": order[n_val:]}
+    dtype = token_dtype(tokenizer.vocab_size)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        manifest_splits = {}
+        for split, index in splits.items():
+            rows = np.full((len(index), seq_len), tokenizer.eos_id, dtype=dtype)
+            prompt_lengths = np.zeros(len(index), dtype=np.int64)
+            for row, i in enumerate(index):
+                ids, n = kept[int(i)]
+                rows[row, :len(ids)] = ids
+                prompt_lengths[row] = n
+            np.save(tmp / f"{split}-tokens.npy", rows)
+            np.save(tmp / f"{split}-prompt_lengths.npy", prompt_lengths)
+            manifest_splits[split] = {"examples": len(index)}
+        manifest = {
+            "format": SFT_FORMAT,
+            "seq_len": seq_len,
+            "tokenizer": {"path": str(tokenizer.path), "fingerprint": tokenizer.fingerprint,
+                          "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
+            "splits": manifest_splits,
+            "skipped": {"too_long": too_long, "malformed": len(problems)},
+            "problems": problems[:20],
+            "config": asdict(config),
+            "sources": [str(Path(p).resolve()) for p in paths],
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            if not (out_dir / MANIFEST).is_file():
+                raise SmdmError(f"{out_dir}: exists and is not a prepared dataset; choose another directory")
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def is_sft_data(data_dir: str | Path) -> bool:
+    """Whether a data directory was written by prepare_sft (rather than `smdm prepare`)."""
+    path = Path(data_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == SFT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class SFTDataset:
+    """Rows of one split in a seeded per-epoch order; same resumable, rank-aware contract as PackedDataset."""
+
+    def __init__(self, data_dir: str | Path, split: str = "train", seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True) -> None:
+        self.data_dir = Path(data_dir)
+        if not is_sft_data(self.data_dir):
+            raise SmdmError(f"{self.data_dir}: not an SFT dataset (run `smdm sft`, which prepares one)")
+        self.manifest = json.loads((self.data_dir / MANIFEST).read_text(encoding="utf-8"))
+        if split not in self.manifest["splits"]:
+            raise SmdmError(f"{self.data_dir}: no split {split!r}")
+        self.split, self.seed, self.rank, self.world_size, self.shuffle = split, seed, rank, world_size, shuffle
+        self.seq_len = int(self.manifest["seq_len"])
+        self.tokens = np.load(self.data_dir / f"{split}-tokens.npy", mmap_mode="r")
+        self.prompt_lengths = np.load(self.data_dir / f"{split}-prompt_lengths.npy")
+        self.n_rows = len(self.prompt_lengths)
+        self.epoch, self.position = 0, 0
+        self._orders: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def _row_at(self, offset: int) -> int:
+        absolute = self.position + offset
+        epoch, index = self.epoch + absolute // self.n_rows, absolute % self.n_rows
+        if not self.shuffle:
+            return index
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+        return int(self._orders[epoch][index])
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (tokens (B, seq_len), prompt lengths (B,)) of the next batch_size*world_size rows."""
+        if self.n_rows == 0:
+            raise SmdmError(f"{self.data_dir}: split {self.split!r} is empty")
+        rows = [self._row_at(self.rank * batch_size + k) for k in range(batch_size)]
+        advanced = self.position + batch_size * self.world_size
+        self.epoch += advanced // self.n_rows
+        self.position = advanced % self.n_rows
+        return (torch.from_numpy(np.asarray(self.tokens[rows], dtype=np.int64)),
+                torch.from_numpy(self.prompt_lengths[rows].astype(np.int64)))
+
+    def rows(self, max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first rows in stored order, for a deterministic validation set."""
+        n = self.n_rows if max_rows is None else min(max_rows, self.n_rows)
+        return (torch.from_numpy(np.asarray(self.tokens[:n], dtype=np.int64)),
+                torch.from_numpy(self.prompt_lengths[:n].astype(np.int64)))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n_rows": self.n_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n_rows") != self.n_rows or state.get("seed") != self.seed:
+            raise SmdmError("data state mismatch: resume with the same SFT data and seed")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def iter_jsonl(path: str | Path, required: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of a jsonl file, checking required fields; errors name file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SmdmError(f"{path}: no such file")
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise SmdmError(f"{path}:{lineno}: not UTF-8") from None
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SmdmError(f"{path}:{lineno}: bad JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise SmdmError(f"{path}:{lineno}: expected a JSON object")
+            for key in required:
+                if key not in obj:
+                    raise SmdmError(f"{path}:{lineno}: missing field {key!r}")
+            yield lineno, obj

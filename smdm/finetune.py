@@ -1,0 +1,53 @@
+"""Fine-tuning = prepare (prompt, response) rows + the one training loop; used by `smdm sft` and the paper's tasks."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from smdm.checkpoint import load_checkpoint
+from smdm.data.sft import SFTConfig, is_sft_data, prepare_sft
+from smdm.errors import SmdmError
+from smdm.tokenizer import Tokenizer
+from smdm.train import TrainConfig, train
+
+
+def resolve_tokenizer(tokenizer: str | Path | None, init_from: str | Path | None) -> Tokenizer:
+    """The tokenizer given, else the copy stored with the starting checkpoint."""
+    if tokenizer is not None:
+        return Tokenizer.from_file(tokenizer)
+    if init_from is not None:
+        path = load_checkpoint(init_from).tokenizer_path
+        if path is not None and path.is_file():
+            return Tokenizer.from_file(path)
+        raise SmdmError(f"{init_from}: checkpoint carries no tokenizer; pass --tokenizer")
+    raise SmdmError("pass --tokenizer (or --init-from a checkpoint that carries one)")
+
+
+def finetune(files: list[str | Path], train_config: TrainConfig, sft_config: SFTConfig | None = None,
+             tokenizer: str | Path | None = None) -> dict[str, Any]:
+    """Tokenize `files` into OUT/data (kept on resume so the data order replays exactly), then train on them."""
+    sft_config = sft_config or SFTConfig()
+    out_dir = Path(train_config.out_dir)
+    data_dir = out_dir / "data"
+    train_config.validate()
+    if not (train_config.resume and is_sft_data(data_dir)):
+        tok = resolve_tokenizer(tokenizer, train_config.init_from)
+        if sft_config.max_len is None:
+            block = _block_size(train_config)
+            sft_config = replace(sft_config, max_len=block)
+        manifest = prepare_sft(files, tok, data_dir, sft_config)
+        skipped = manifest["skipped"]
+        if skipped["too_long"] or skipped["malformed"]:
+            print(f"sft: skipped {skipped['too_long']} examples longer than the context and "
+                  f"{skipped['malformed']} malformed lines")
+    return train(replace(train_config, data_dir=str(data_dir)))
+
+
+def _block_size(config: TrainConfig) -> int:
+    from smdm.config import ModelConfig
+
+    if config.init_from:
+        return load_checkpoint(config.init_from).config.block_size
+    return ModelConfig.from_name(config.model, vocab_size=2).block_size
