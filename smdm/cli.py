@@ -78,6 +78,76 @@ def cmd_sft(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _task_train_config(args: argparse.Namespace):
+    """TrainConfig of a task's fine-tuning (or from-scratch) run in OUT/run."""
+    from smdm.train import TrainConfig
+
+    return TrainConfig(data_dir="", out_dir=str(Path(args.out) / "run"), model=args.model, objective=args.objective,
+                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, init_from=args.init_from,
+                       seed=args.seed, threads=args.threads, device=args.device, resume=args.resume,
+                       eval_every=10**9, save_every=args.save_every, progress=not args.no_progress)
+
+
+def _task_model(args: argparse.Namespace, train_files: list[Path], text_mode: bool, template: str = "plain"):
+    """The model a task evaluates: --checkpoint as given, or one fine-tuned (or trained) here on train_files."""
+    if args.checkpoint:
+        return _load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    from smdm.data.sft import SFTConfig, read_examples
+    from smdm.finetune import finetune
+    from smdm.tokenizer import train_bpe
+
+    tokenizer = args.tokenizer
+    if tokenizer is None and args.init_from is None:  # from scratch: a BPE fitted to the task's own text
+        sft = SFTConfig(template=template)
+        texts = [e.prompt + e.response for f in train_files for e in read_examples(f, sft)[0]]
+        tokenizer = Path(args.out) / "tokenizer.json"
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        if not tokenizer.is_file():
+            train_bpe(texts, args.vocab_size, tokenizer)
+    config = _task_train_config(args)
+    finetune(train_files, config, SFTConfig(mode="text" if text_mode else "response", template=template,
+                                            seed=args.seed), tokenizer=tokenizer)
+    return _load_for_inference(str(Path(config.out_dir) / "checkpoint"), None, args.device)
+
+
+def _add_task_model_args(p: argparse.ArgumentParser, epochs: float, model: str, lr: float) -> None:
+    p.add_argument("--checkpoint", help="evaluate this model; without it a model is trained first (in OUT/run)")
+    p.add_argument("--init-from", help="fine-tune this checkpoint (default: train from scratch)")
+    p.add_argument("--model", default=model, help="config when training from scratch")
+    p.add_argument("--objective", choices=["mdm", "arm"], default="mdm")
+    p.add_argument("--epochs", type=float, default=epochs)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--vocab-size", type=int, default=1024, help="BPE size when training from scratch")
+    p.add_argument("--tokenizer")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted training run in OUT/run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cmd_task_reversal(args: argparse.Namespace) -> None:
+    from smdm.tasks.report import format_table, write_results
+    from smdm.tasks.reversal import TRAIN_FILE, ReversalConfig, evaluate_reversal, settings_of, split_file
+
+    data_dir = Path(args.data_dir)
+    for split in ("p2d", "d2p", "p2d_reverse", "d2p_reverse"):
+        if not split_file(data_dir, split).is_file():
+            raise SmdmError(f"{split_file(data_dir, split)}: no such file; --data-dir must hold the reversal-curse data")
+    config = ReversalConfig(data_dir=str(data_dir), length=args.length, steps=args.steps, remasking=args.remasking,
+                            cfg_scale=args.cfg_scale, batch_size=args.eval_batch_size, limit=args.limit)
+    checkpoint, tokenizer = _task_model(args, [data_dir / TRAIN_FILE], text_mode=True)
+    results = evaluate_reversal(checkpoint.model, tokenizer, config, progress=not args.no_progress)
+    metrics = {split: {k: v for k, v in r.items() if k != "examples"} for split, r in results.items()}
+    write_results(Path(args.out) / "reversal.json", "reversal", metrics, settings_of(config), checkpoint,
+                  extra={"examples": {split: r["examples"] for split, r in results.items()}})
+    rows = [(split, r["question"], r["direction"], r["n"], 100 * r["accuracy"],
+             r.get("bleu", "")) for split, r in results.items()]
+    print(format_table(["file", "question", "direction", "n", "accuracy %", "BLEU"], rows))
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from smdm.data.prepare import read_documents
     from smdm.tokenizer import train_bpe
@@ -286,6 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines instead of failing")
     p.add_argument("--bos", action="store_true", help="prepend BOS to every prompt")
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("task", help="the paper's conditional tasks: reversal curse, GSM8K, MT-Bench")
+    tasks = p.add_subparsers(dest="task", required=True)
+    t = tasks.add_parser("reversal", help="train (or fine-tune) on the reversal-curse facts, test both directions")
+    t.add_argument("--data-dir", required=True, help="the reversal_curse folder (all_prompts_train + 4 test files)")
+    t.add_argument("--out", required=True, help="directory for reversal.json (and the trained model in OUT/run)")
+    _add_task_model_args(t, epochs=30, model="tiny-1m", lr=3e-3)
+    t.add_argument("--length", type=int, help="tokens to generate (default: longest reference + 4)")
+    t.add_argument("--steps", type=int, help="MDM denoising steps (default: length)")
+    t.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
+    t.add_argument("--cfg-scale", type=float)
+    t.add_argument("--eval-batch-size", type=int, default=64)
+    t.add_argument("--limit", type=int, help="questions per test file")
+    t.set_defaults(func=cmd_task_reversal)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint (MDM samplers or ARM decoding)")
     p.add_argument("--checkpoint", required=True)

@@ -1,0 +1,134 @@
+"""The reversal curse (Berglund et al. 2023) as the paper tests it: learn "A is B", then ask for A given B.
+
+Training texts state each fictitious person's fact in one direction only (name → description for the p2d group,
+description → name for d2p). The four test files ask in the trained direction (`p2d`, `d2p`) and reversed
+(`p2d_reverse`, `d2p_reverse`). A hit is the reference contained in the generation (case-insensitive); for
+answers that are descriptions BLEU is also reported, since a long description is rarely reproduced verbatim.
+An ARM only ever predicts left to right, so it scores ~0% reversed; an MDM is trained to fill any masked span.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from smdm.data.sft import iter_jsonl
+from smdm.errors import SmdmError
+from smdm.model import Transformer
+from smdm.sample import generate
+from smdm.tokenizer import Tokenizer
+
+TRAIN_FILE = "all_prompts_train.jsonl"
+# test file -> (question asked, answer kind, trained direction for these people?)
+SPLITS = {
+    "p2d": ("name → description", "description", "same"),
+    "d2p": ("description → name", "name", "same"),
+    "p2d_reverse": ("description → name", "name", "reverse"),
+    "d2p_reverse": ("name → description", "description", "reverse"),
+}
+
+
+def split_file(data_dir: str | Path, split: str) -> Path:
+    return Path(data_dir) / f"{split}_prompts_test.jsonl"
+
+
+def contains(reference: str, generation: str) -> bool:
+    """The paper's accuracy: the reference answer appears in the generated text, ignoring case and outer spaces."""
+    reference = reference.strip().lower()
+    return bool(reference) and reference in generation.lower()
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+def corpus_bleu(references: Sequence[str], hypotheses: Sequence[str], max_order: int = 4) -> float:
+    """Corpus BLEU-4 in [0, 100] (Papineni et al. 2002): clipped n-gram precisions, geometric mean, brevity penalty.
+
+    Words and punctuation are separate tokens; no smoothing, so a corpus without any matching 4-gram scores 0.
+    """
+    if len(references) != len(hypotheses):
+        raise SmdmError(f"BLEU needs as many references ({len(references)}) as hypotheses ({len(hypotheses)})")
+    matches, totals = [0] * max_order, [0] * max_order
+    ref_len = hyp_len = 0
+    for reference, hypothesis in zip(references, hypotheses):
+        ref, hyp = _words(reference), _words(hypothesis)
+        ref_len, hyp_len = ref_len + len(ref), hyp_len + len(hyp)
+        for n in range(1, max_order + 1):
+            ref_counts = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+            hyp_counts = Counter(tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1))
+            matches[n - 1] += sum(min(c, ref_counts[g]) for g, c in hyp_counts.items())
+            totals[n - 1] += max(0, len(hyp) - n + 1)
+    if hyp_len == 0 or min(matches) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_order
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return 100.0 * brevity * math.exp(log_precision)
+
+
+@dataclass
+class ReversalConfig:
+    """Generation settings of the evaluation; recorded with the results."""
+
+    data_dir: str
+    length: int | None = None  # tokens generated; default: the longest reference of the file + 4
+    steps: int | None = None  # MDM denoising steps; default: length
+    remasking: str = "low_confidence"
+    cfg_scale: float | None = None
+    batch_size: int = 64
+    limit: int | None = None  # questions per file
+
+
+def read_split(data_dir: str | Path, split: str, limit: int | None = None) -> list[tuple[str, str]]:
+    rows = [(obj["prompt"], obj["completion"])
+            for _, obj in iter_jsonl(split_file(data_dir, split), required=("prompt", "completion"))]
+    if not rows:
+        raise SmdmError(f"{split_file(data_dir, split)}: no questions")
+    return rows[:limit] if limit else rows
+
+
+@torch.no_grad()
+def answer(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], config: ReversalConfig,
+           length: int) -> list[str]:
+    """Greedy answers (low-confidence remasking for an MDM, KV-cache decoding for an ARM), cut at EOS."""
+    answers: list[str] = []
+    for first in range(0, len(prompts), config.batch_size):
+        encoded = [tokenizer.encode(p) for p in prompts[first:first + config.batch_size]]
+        options = {} if model.causal else {"steps": config.steps or length, "remasking": config.remasking,
+                                           "cfg_scale": config.cfg_scale}
+        result = generate(model, encoded, length, eos_id=tokenizer.eos_id, **options)
+        answers += [tokenizer.decode(ids) for ids in result.completions]
+    return answers
+
+
+def evaluate_reversal(model: Transformer, tokenizer: Tokenizer, config: ReversalConfig,
+                      progress: bool = True) -> dict[str, dict]:
+    """Accuracy (and BLEU for description answers) on each of the four test files, with a few examples."""
+    if config.cfg_scale and model.causal:
+        raise SmdmError("classifier-free guidance needs an MDM; an ARM has no [MASK] to hide the prompt with")
+    results: dict[str, dict] = {}
+    for split in tqdm(SPLITS, desc="reversal", disable=not progress):
+        question, kind, direction = SPLITS[split]
+        rows = read_split(config.data_dir, split, config.limit)
+        length = config.length or max(len(tokenizer.encode(c)) for _, c in rows) + 4
+        generations = answer(model, tokenizer, [p for p, _ in rows], config, length)
+        hits = [contains(c, g) for (_, c), g in zip(rows, generations)]
+        result = {"question": question, "direction": direction, "answer": kind, "n": len(rows),
+                  "accuracy": sum(hits) / len(rows), "length": length}
+        if kind == "description":
+            result["bleu"] = corpus_bleu([c for _, c in rows], generations)
+        result["examples"] = [{"prompt": p, "reference": c, "generation": g}
+                              for (p, c), g in list(zip(rows, generations))[:3]]
+        results[split] = result
+    return results
+
+
+def settings_of(config: ReversalConfig) -> dict:
+    return asdict(config)
