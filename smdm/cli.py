@@ -273,6 +273,37 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
     print((Path(args.out) / "temporal.md").read_text(), end="")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from smdm.harness import evaluate_tasks
+
+    if not args.tasks or not args.model_args:
+        raise SmdmError("smdm eval needs --tasks and --model-args (or the subcommand `smdm eval convert`)")
+    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+    summary = evaluate_tasks(args.tasks.split(","), args.model_args, args.data_dir, limit)
+    for task, metrics in summary["results"].items():
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+        print(json.dumps({"task": task, **shown}))
+    if args.out:
+        out = Path(args.out)
+        try:
+            out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        except OSError as error:
+            raise SmdmError(f"could not write {out}: {error.strerror or error}") from None
+        print(f"results -> {out}", file=sys.stderr)
+
+
+def cmd_eval_convert(args: argparse.Namespace) -> None:
+    from smdm.tasks.commonsense import convert_commonsense, convert_official
+
+    if args.format == "commonsense":
+        subsets = args.tasks.split(",") if args.tasks else None
+        counts = convert_commonsense(args.source, args.out, subsets, split=args.split)
+    else:
+        counts = {args.format: convert_official(args.format, args.source, args.out)}
+    for name, count in counts.items():
+        print(f"{Path(args.out) / (name + '.jsonl')}: {count} items (task smdm_{name})")
+
+
 def cmd_configs(args: argparse.Namespace) -> None:
     from smdm.config import CONFIGS, non_embedding_params, total_params
 
@@ -423,6 +454,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("eval", help="lm-evaluation-harness on a checkpoint; offline tasks smdm_* read --data-dir")
+    p.add_argument("--tasks", help="comma-separated: smdm_arc_easy, smdm_piqa, ... or stock lm-eval task names")
+    p.add_argument("--model-args", help="checkpoint=PATH[,nll_type=mc|chain,mc_samples=128,cfg_scale=...,...]")
+    p.add_argument("--data-dir", help="directory of the task jsonl files (default: $SMDM_EVAL_DATA)")
+    p.add_argument("--limit", type=float, help="items per task (a fraction if below 1)")
+    p.add_argument("--out", help="write lm-eval's results as JSON here")
+    p.set_defaults(func=cmd_eval)
+    evsub = p.add_subparsers(dest="eval_command")
+    c = evsub.add_parser("convert", help="write the jsonl files the smdm_* tasks read")
+    c.add_argument("--source", required=True,
+                   help="commonsense: the LLM-Adapters dataset directory; else the official file or directory")
+    c.add_argument("--out", required=True, help="the data directory to write (task_name.jsonl files)")
+    c.add_argument("--format", choices=["commonsense", "hellaswag", "race", "lambada"], default="commonsense")
+    c.add_argument("--tasks", help="commonsense subsets to convert, comma-separated (default: all)")
+    c.add_argument("--split", default="test", help="commonsense: which <split>.json of each subset")
+    c.set_defaults(func=cmd_eval_convert)
 
     p = sub.add_parser("configs", help="list the named model configs")
     p.set_defaults(func=cmd_configs)
