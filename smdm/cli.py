@@ -337,6 +337,94 @@ def cmd_demo(args: argparse.Namespace) -> None:
                         max_steps=args.max_steps, model=args.model, threads=args.threads))
 
 
+def _scale_manifest(args: argparse.Namespace):
+    from smdm.scaling import read_manifest
+
+    spec, runs = read_manifest(args.manifest)
+    if getattr(args, "only", None):
+        unknown = sorted(set(args.only) - {r.name for r in runs})
+        if unknown:
+            raise SmdmError(f"{args.manifest}: no runs named {', '.join(unknown)}")
+        runs = [r for r in runs if r.name in args.only]
+    return spec, runs
+
+
+def cmd_scale_plan(args: argparse.Namespace) -> None:
+    from smdm.scaling import SweepSpec, plan_sweep, write_manifest
+    from smdm.sweep import describe_plan
+
+    spec = SweepSpec.from_file(args.spec)
+    runs = plan_sweep(spec)
+    print(describe_plan(runs))
+    print(f"manifest -> {write_manifest(spec, runs, args.out)}")
+
+
+def cmd_scale_run(args: argparse.Namespace) -> None:
+    from smdm.sweep import run_sweep
+
+    spec, runs = _scale_manifest(args)
+    report = run_sweep(runs, args.data or spec.data_dir, jobs=args.jobs, threads=args.threads,
+                       stop_after_steps=args.stop_after_steps, progress=not args.no_progress)
+    print(f"{len(report.trained)} trained, {len(report.skipped)} already finished, {len(report.busy)} running "
+          f"elsewhere, {len(report.failed)} failed")
+    if report.failed:
+        raise SmdmError(f"{len(report.failed)} of {len(runs)} runs failed: "
+                        + "; ".join(f"{name} ({why})" for name, why in report.failed.items()))
+
+
+def cmd_scale_fit(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from smdm.scaling import fit_sweep, plot_sweep
+    from smdm.sweep import collect_results
+
+    spec, runs = _scale_manifest(args)
+    results, missing = collect_results(runs)
+    for name, why in missing.items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    if not results:
+        raise SmdmError(f"{args.manifest}: no finished runs to fit; run `smdm scale run {args.manifest}` first")
+    report = fit_sweep(results, count=spec.flops_count, irreducible=args.irreducible, bootstrap=args.bootstrap,
+                       seed=args.seed)
+    report.update(sweep=spec.name, skipped_runs=missing, runs=[asdict(r) for r in results])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.json").write_text(json.dumps(report, indent=1) + "\n")
+    for note in report["notes"]:
+        print(note, file=sys.stderr)
+    for family, entry in report["families"].items():
+        for count in [report["flops_count"], *report["other_counts"]]:
+            key = "loss_vs_flops" if count == report["flops_count"] else f"loss_vs_flops_{count}"
+            law = entry[key]
+            ci = law["alpha_ci95"]
+            print(f"{family.upper()} ({count}): L* = {law['A']:.4g} * C^-{law['alpha']:.4f}"
+                  + (f"  alpha 95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+        print(f"{family.upper()}: N* ~ C^{entry['n_opt_exponent']['a']:.3f}, D* ~ C^{entry['d_opt_exponent']['b']:.3f}")
+    for count, gaps in report.get("compute_gap", {}).items():
+        print(f"compute gap MDM/ARM ({count}): " + ", ".join(
+            f"{g['gap']:.1f}x at {label}" + (f" [{g['ci95'][0]:.1f}, {g['ci95'][1]:.1f}]" if g["ci95"] else "")
+            for label, g in gaps.items()))
+    for path in [out / "scaling.json", *plot_sweep(results, report, out)]:
+        print(f"wrote {path}")
+
+
+def cmd_scale_launch(args: argparse.Namespace) -> None:
+    from smdm.sweep import launch_commands, slurm_script
+
+    spec, runs = _scale_manifest(args)
+    data = args.data or spec.data_dir
+    if args.format == "slurm":
+        text = slurm_script(runs, data, args.nproc_per_node, args.nnodes, args.max_parallel, args.time,
+                            args.partition, job_name=spec.name)
+    else:
+        text = "\n".join(launch_commands(runs, data, args.nproc_per_node, args.nnodes)) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"{len(runs)} runs -> {args.out}")
+    else:
+        print(text, end="")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; exposed for tests and documentation."""
     parser = argparse.ArgumentParser(prog="smdm", description="Masked diffusion language models (and matched ARMs).")
@@ -482,6 +570,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=["mdm", "arm"], default="mdm")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_import_smdm)
+
+    p = sub.add_parser("scale", help="scaling laws: plan, run, fit and launch IsoFLOP sweeps of MDMs and ARMs")
+    scale = p.add_subparsers(dest="scale_command", required=True)
+    s = scale.add_parser("plan", help="turn a sweep spec (JSON) into a manifest of training runs")
+    s.add_argument("spec", help="e.g. configs/scaling-cpu.json")
+    s.add_argument("--out", required=True, help="manifest to write")
+    s.set_defaults(func=cmd_scale_plan)
+    s = scale.add_parser("run", help="train the manifest's unfinished runs (resumes killed ones)")
+    s.add_argument("manifest")
+    s.add_argument("--jobs", type=int, default=1, help="training processes at once")
+    s.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    s.add_argument("--only", nargs="+", help="run names to train (default: all)")
+    s.add_argument("--data", help="override the spec's data directory")
+    s.add_argument("--stop-after-steps", type=int, help="end each run early with a checkpoint (time slices)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_scale_run)
+    s = scale.add_parser("fit", help="IsoFLOP parabolas, power laws with bootstrap intervals, compute gap, plots")
+    s.add_argument("manifest")
+    s.add_argument("--out", required=True, help="directory for scaling.json, isoflop.png, frontier.png")
+    s.add_argument("--irreducible", action="store_true", help="also fit L = E + A C^-alpha (needs 4 budgets)")
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_scale_fit)
+    s = scale.add_parser("launch", help="print one torchrun command per run, or a SLURM array script")
+    s.add_argument("manifest")
+    s.add_argument("--format", choices=["shell", "slurm"], default="shell")
+    s.add_argument("--nproc-per-node", type=int, default=8)
+    s.add_argument("--nnodes", type=int, default=1)
+    s.add_argument("--max-parallel", type=int, default=None, help="SLURM: array tasks running at once")
+    s.add_argument("--time", default="24:00:00", help="SLURM time limit per run")
+    s.add_argument("--partition", default=None)
+    s.add_argument("--data", help="data directory on the cluster (default: the spec's)")
+    s.add_argument("--out", help="write here instead of printing")
+    s.set_defaults(func=cmd_scale_launch)
     return parser
 
 

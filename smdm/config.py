@@ -143,3 +143,25 @@ CONFIGS.update(
     }
 )
 PAPER_SIZES_M: tuple[int, ...] = tuple(_PAPER_SHAPES)
+
+# A width/depth ladder for CPU-scale IsoFLOP sweeps (`configs/scaling-cpu.json`): about 2x non-embedding parameters
+# per rung, depth and width growing together like the paper's table; block size 128 keeps attention cheap.
+_SCALE_SHAPES: dict[str, tuple[int, int, int]] = {
+    # name (≈ non-embedding params): (layers, heads, width); SwiGLU hidden = 4 x width
+    "scale-18k": (2, 2, 24),
+    "scale-33k": (2, 2, 32),
+    "scale-74k": (2, 3, 48),
+    "scale-150k": (3, 4, 56),
+    "scale-330k": (4, 4, 72),
+    "scale-620k": (5, 4, 88),
+    "scale-1.2m": (6, 4, 112),
+}
+CONFIGS.update(
+    {
+        name: ModelConfig(
+            name=name, block_size=128, vocab_size=32000,
+            n_layer=layers, n_head=heads, n_embd=width, n_query_groups=heads, intermediate_size=4 * width,
+        )
+        for name, (layers, heads, width) in _SCALE_SHAPES.items()
+    }
+)

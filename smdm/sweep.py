@@ -1,0 +1,263 @@
+"""Executing a sweep manifest: each run is an ordinary `smdm train` in its own directory.
+
+Locally, `run_sweep` keeps N training processes busy, skips finished runs and resumes killed ones from their
+checkpoint (train.py resumes bit-exactly). A run's directory is locked (flock, held by the training process itself)
+so two sweep runners never train the same run at once. For a cluster, `launch_commands` gives one `torchrun` command
+per run and `slurm_script` an array job over them: the sweep scales with the launcher users already have.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from smdm.config import ModelConfig
+from smdm.errors import SmdmError
+from smdm.scaling import PlannedRun, RunResult, flops_per_token
+
+LOCK_FILE = ".sweep.lock"
+
+
+@dataclass
+class RunStatus:
+    """Where a run stands: 'done' (final validation loss logged), 'partial' (a checkpoint), or 'new'."""
+
+    state: str
+    step: int = 0
+    loss: float | None = None
+    reason: str = ""
+
+
+def run_status(run: PlannedRun) -> RunStatus:
+    """Read the run directory: done means metrics.jsonl holds a finite val_loss at the planned last step."""
+    out = Path(run.out_dir)
+    metrics = out / "metrics.jsonl"
+    if not metrics.is_file():
+        return RunStatus("new", reason="no metrics.jsonl")
+    last_step, final = 0, None
+    for line in metrics.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        last_step = max(last_step, int(row.get("step", 0)))
+        if "val_loss" in row and row.get("step") == run.steps:
+            final = row["val_loss"]
+    if final is not None and isinstance(final, (int, float)) and math.isfinite(final):
+        return RunStatus("done", step=run.steps, loss=float(final))
+    state = "partial" if (out / "checkpoint").exists() else "new"
+    return RunStatus(state, step=last_step, reason=f"unfinished: logged step {last_step} of {run.steps}")
+
+
+def train_argv(run: PlannedRun, data_dir: str, world_size: int = 1) -> list[str]:
+    """`smdm train` arguments for a run; the global batch is kept by splitting it over world_size x grad_accum."""
+    micro = min(run.micro_batch_size, run.batch_size // world_size)  # the plan's micro-batch, or what a device gets
+    if micro < 1 or run.batch_size % (micro * world_size):
+        raise SmdmError(f"{run.name}: batch {run.batch_size} is not divisible by micro-batch {micro} "
+                        f"x {world_size} devices")
+    train = {**run.train, "batch_size": micro, "grad_accum": run.batch_size // (micro * world_size)}
+    argv = ["train", "--data", data_dir, "--out", run.out_dir, "--model", run.model, "--objective", run.objective]
+    for key, value in train.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv + ["--resume", "--no-progress"]
+
+
+@dataclass
+class SweepReport:
+    """What `run_sweep` did: runs found finished, trained now, failed (name -> reason), and locked elsewhere."""
+
+    skipped: list[str] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    busy: list[str] = field(default_factory=list)
+
+
+def _lock(run: PlannedRun) -> int | None:
+    """An exclusive, non-blocking flock on the run directory; None when another process holds it."""
+    out = Path(run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def run_sweep(runs: list[PlannedRun], data_dir: str, jobs: int = 1, threads: int | None = None,
+              stop_after_steps: int | None = None, progress: bool = True) -> SweepReport:
+    """Train every unfinished run, `jobs` processes at a time (largest budgets first, for balance).
+
+    Each process inherits its run's lock, so the lock lives exactly as long as the training does, even if this
+    runner is killed. Output goes to RUN_DIR/train.log. A failed run is reported, not fatal to the others.
+    """
+    if jobs < 1:
+        raise SmdmError("--jobs must be at least 1")
+    report = SweepReport()
+    pending = []
+    for run in runs:
+        if run_status(run).state == "done":
+            report.skipped.append(run.name)
+        else:
+            pending.append(run)
+    pending.sort(key=lambda r: (-r.budget, -r.non_embedding_params))
+    total = sum(r.flops for r in pending)
+    bar = tqdm(total=total, disable=not progress or not pending, unit="FLOP", unit_scale=True, dynamic_ncols=True,
+               desc=f"{len(pending)} runs ({len(report.skipped)} done)")
+    active: dict[subprocess.Popen, tuple[PlannedRun, int]] = {}
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # `kill RUNNER` stops the children too
+    try:
+        while pending or active:
+            while pending and len(active) < jobs:
+                run = pending.pop(0)
+                fd = _lock(run)
+                if fd is None:
+                    report.busy.append(run.name)
+                    bar.update(run.flops)
+                    continue
+                argv = [sys.executable, "-m", "smdm", *train_argv(run, data_dir)]
+                if threads:
+                    argv += ["--threads", str(threads)]
+                if stop_after_steps:
+                    argv += ["--stop-after-steps", str(stop_after_steps)]
+                with open(Path(run.out_dir) / "train.log", "a") as log:
+                    log.write(f"$ {shlex.join(argv)}\n")
+                    log.flush()
+                    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(fd,))
+                active[proc] = (run, fd)
+            time.sleep(0.2)
+            for proc in [p for p in active if p.poll() is not None]:
+                run, fd = active.pop(proc)
+                os.close(fd)
+                bar.update(run.flops)
+                status = run_status(run)
+                if proc.returncode != 0:
+                    report.failed[run.name] = f"exit {proc.returncode}; see {Path(run.out_dir) / 'train.log'}"
+                elif status.state == "done" or stop_after_steps:
+                    report.trained.append(run.name)
+                else:
+                    report.failed[run.name] = f"{status.reason}; see {Path(run.out_dir) / 'train.log'}"
+                bar.write(f"{run.name}: " + (f"val loss {status.loss:.4f}" if status.loss is not None
+                                             else report.failed.get(run.name, status.reason)))
+    finally:
+        for proc, (run, fd) in active.items():  # interrupted: stop our children; their checkpoints remain
+            proc.terminate()
+            proc.wait()
+            os.close(fd)
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+    return report
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def collect_results(runs: list[PlannedRun]) -> tuple[list[RunResult], dict[str, str]]:
+    """Finished runs as fit inputs, and the others with the reason they were left out (not an error)."""
+    results, missing = [], {}
+    for run in runs:
+        status = run_status(run)
+        if status.state != "done":
+            missing[run.name] = status.reason
+            continue
+        results.append(RunResult(name=run.name, objective=run.objective, budget=run.budget,
+                                 n_params=run.non_embedding_params, tokens=run.tokens,
+                                 flops={c: run.tokens * f for c, f in run.flops_per_token.items()},
+                                 loss=status.loss))
+    return results, missing
+
+
+# ------------------------------------------------------------------------------------------------------ clusters
+
+
+def launch_commands(runs: list[PlannedRun], data_dir: str, nproc_per_node: int = 8, nnodes: int = 1,
+                    slurm: bool = False) -> list[str]:
+    """One `torchrun` command per run. With slurm=True, multi-node rendezvous comes from the SLURM environment."""
+    if nproc_per_node < 1 or nnodes < 1:
+        raise SmdmError("--nproc-per-node and --nnodes must be at least 1")
+    if slurm:
+        head = ["srun", "torchrun", f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
+                "--rdzv-id=$SLURM_JOB_ID", "--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:29500"]
+    elif nnodes == 1:
+        head = ["torchrun", "--standalone", f"--nproc-per-node={nproc_per_node}"]
+    else:
+        head = ["torchrun", f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
+                "--rdzv-endpoint=$MASTER_ADDR:29500"]
+    commands = []
+    for run in runs:
+        argv = train_argv(run, data_dir, world_size=nproc_per_node * nnodes)
+        # $VARS stay unquoted so the shell expands them on the node.
+        commands.append(" ".join(head + ["-m", "smdm"] + [shlex.quote(a) for a in argv]))
+    return commands
+
+
+def slurm_script(runs: list[PlannedRun], data_dir: str, nproc_per_node: int = 8, nnodes: int = 1,
+                 max_parallel: int | None = None, time_limit: str = "24:00:00", partition: str | None = None,
+                 job_name: str = "smdm-sweep") -> str:
+    """A SLURM array job, one task per run. Every command resumes, so resubmitting after a timeout continues the
+    sweep (a finished run then only re-evaluates); `smdm scale run --jobs` does the same on one machine."""
+    commands = launch_commands(runs, data_dir, nproc_per_node, nnodes, slurm=True)
+    array = f"0-{len(runs) - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --array={array}",
+        f"#SBATCH --nodes={nnodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={nproc_per_node}",
+        f"#SBATCH --time={time_limit}",
+        "#SBATCH --output=slurm-%A_%a.out",
+    ]
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    lines += [
+        "set -euo pipefail",
+        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "export MASTER_ADDR",
+        f"# {len(runs)} runs; the run names, in array order:",
+        *[f"#   {i}: {run.name}" for i, run in enumerate(runs)],
+        "RUNS=(",
+        *[f"  {shlex.quote(c)}" for c in commands],
+        ")",
+        'eval "${RUNS[$SLURM_ARRAY_TASK_ID]}"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def describe_plan(runs: list[PlannedRun]) -> str:
+    """A table of the runs: what `smdm scale plan` prints."""
+    rows = [f"{'run':<32} {'N':>10} {'budget':>9} {'steps':>8} {'tokens':>12} {'warmup':>6} {'attn/6N':>7}"]
+    for r in runs:
+        ratio = r.flops_per_token["attention"] / r.flops_per_token["6n"]
+        rows.append(f"{r.name:<32} {r.non_embedding_params:>10,} {r.budget:>9.2g} {r.steps:>8,} {r.tokens:>12,} "
+                    f"{r.warmup_steps:>6} {ratio:>7.2f}")
+    total = sum(r.flops for r in runs)
+    rows.append(f"{len(runs)} runs, {total:.3g} FLOPs in all")
+    return "\n".join(rows)
+
+
+def attention_share(model: str, seq_len: int) -> float:
+    """How much the 6N count undercounts a model: 1 - 6N / (6N + 6LTd)."""
+    config = ModelConfig.from_name(model)
+    return 1 - flops_per_token(config, seq_len, "6n") / flops_per_token(config, seq_len, "attention")
