@@ -88,8 +88,13 @@ def _task_train_config(args: argparse.Namespace):
                        eval_every=10**9, save_every=args.save_every, progress=not args.no_progress)
 
 
-def _task_model(args: argparse.Namespace, train_files: list[Path], text_mode: bool, template: str = "plain"):
-    """The model a task evaluates: --checkpoint as given, or one fine-tuned (or trained) here on train_files."""
+def _task_model(args: argparse.Namespace, train_files: list[Path], text_mode: bool, template: str = "plain",
+                tokenizer_files: list[Path] | None = None):
+    """The model a task evaluates: --checkpoint as given, or one fine-tuned (or trained) here on train_files.
+
+    From scratch, the BPE is fitted to tokenizer_files (default: train_files), so a run on a few examples can still
+    get a tokenizer that covers the task's whole vocabulary.
+    """
     if args.checkpoint:
         return _load_for_inference(args.checkpoint, args.tokenizer, args.device)
     from smdm.data.sft import SFTConfig, read_examples
@@ -99,7 +104,7 @@ def _task_model(args: argparse.Namespace, train_files: list[Path], text_mode: bo
     tokenizer = args.tokenizer
     if tokenizer is None and args.init_from is None:  # from scratch: a BPE fitted to the task's own text
         sft = SFTConfig(template=template)
-        texts = [e.prompt + e.response for f in train_files for e in read_examples(f, sft)[0]]
+        texts = [e.prompt + e.response for f in (tokenizer_files or train_files) for e in read_examples(f, sft)[0]]
         tokenizer = Path(args.out) / "tokenizer.json"
         Path(args.out).mkdir(parents=True, exist_ok=True)
         if not tokenizer.is_file():
@@ -146,6 +151,92 @@ def cmd_task_reversal(args: argparse.Namespace) -> None:
     rows = [(split, r["question"], r["direction"], r["n"], 100 * r["accuracy"],
              r.get("bleu", "")) for split, r in results.items()]
     print(format_table(["file", "question", "direction", "n", "accuracy %", "BLEU"], rows))
+
+
+def _refuse_arm_options(args: argparse.Namespace, names: Sequence[str]) -> None:
+    """Before training an ARM for a task: the MDM-only sampler options would only fail after the training."""
+    if args.checkpoint is None and args.objective == "arm":
+        for name in names:
+            if getattr(args, name) is not None:
+                flag = "--" + name.replace("_", "-")
+                if "cfg" in name:
+                    raise SmdmError(f"classifier-free guidance needs an MDM (it masks the prompt); {flag} cannot "
+                                    "apply to --objective arm")
+                raise SmdmError(f"{flag} is an MDM sampler option; an ARM decodes one token per step")
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def cmd_task_gsm8k(args: argparse.Namespace) -> None:
+    from smdm.tasks.gsm8k import GSM8KConfig, evaluate_gsm8k, settings_of, write_sft_file
+    from smdm.tasks.report import format_table, write_results
+
+    out = Path(args.out)
+    config = GSM8KConfig(test_file=args.test, length=args.length, steps=args.steps, block_length=args.block_length,
+                         remasking=args.remasking, cfg_scale=args.cfg_scale, two_stage=args.two_stage,
+                         answer_cfg_scale=args.answer_cfg_scale, answer_length=args.answer_length,
+                         temperature=args.temperature, batch_size=args.eval_batch_size, limit=args.limit,
+                         skip_bad_lines=args.skip_bad_lines, seed=args.seed)
+    if not Path(args.test).is_file():
+        raise SmdmError(f"{args.test}: no such file")
+    if args.answer_cfg_scale is not None and not args.two_stage:
+        raise SmdmError("--answer-cfg-scale applies to the second stage; add --two-stage")
+    _refuse_arm_options(args, ("cfg_scale", "answer_cfg_scale", "steps", "block_length"))
+    settings = settings_of(config)
+    if args.checkpoint is None:
+        if args.train is None:
+            raise SmdmError("pass --train (GSM8K train jsonl) to fine-tune a model, or --checkpoint to evaluate one")
+        sft_file = out / "gsm8k_sft.jsonl"
+        strip = not args.keep_calculator
+        info = write_sft_file(args.train, sft_file, strip, args.train_limit, args.skip_bad_lines)
+        skipped = f" ({info['bad_lines']} bad lines skipped)" if info["bad_lines"] else ""
+        print(f"gsm8k: {info['examples']} training examples -> {sft_file}{skipped}", file=sys.stderr)
+        settings.update(train_file=args.train, train_limit=args.train_limit, strip_calculator=strip)
+        if args.prepare_only:
+            return
+        tokenizer_files = None
+        if args.train_limit and args.tokenizer is None and args.init_from is None:
+            tokenizer_files = [out / "gsm8k_sft_all.jsonl"]  # the BPE sees all of GSM8K's words, not only the few
+            write_sft_file(args.train, tokenizer_files[0], strip, None, args.skip_bad_lines)
+        checkpoint, tokenizer = _task_model(args, [sft_file], text_mode=False, tokenizer_files=tokenizer_files)
+    else:
+        checkpoint, tokenizer = _load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    metrics, records = evaluate_gsm8k(checkpoint.model, tokenizer, config, progress=not args.no_progress)
+    generations = out / "gsm8k_generations.jsonl"
+    _write_jsonl(generations, records)
+    write_results(out / "gsm8k.json", "gsm8k", metrics, settings, checkpoint,
+                  extra={"generations_file": str(generations)})
+    print(format_table(["mode", "n", "correct", "accuracy %", "no answer", "skipped (too long)",
+                        "skipped (bad lines)"],
+                       [(metrics["mode"], metrics["n"], metrics["correct"], 100 * metrics["accuracy"],
+                         metrics["no_answer"], metrics["skipped_too_long"], metrics["skipped_bad_lines"])]))
+
+
+def cmd_task_mtbench(args: argparse.Namespace) -> None:
+    from smdm.tasks.mtbench import MTBenchConfig, generate_answers, settings_of, write_answer_file
+    from smdm.tasks.report import format_table, write_results
+
+    checkpoint, tokenizer = _load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    model_id = args.model_id or f"{checkpoint.config.name}-{checkpoint.meta.get('objective', 'model')}"
+    config = MTBenchConfig(questions_file=args.questions, model_id=model_id, length=args.length, steps=args.steps,
+                           block_length=args.block_length, remasking=args.remasking, cfg_scale=args.cfg_scale,
+                           temperature=args.temperature, batch_size=args.batch_size, limit=args.limit,
+                           skip_bad_lines=args.skip_bad_lines, seed=args.seed)
+    records, stats, _ = generate_answers(checkpoint.model, tokenizer, config, progress=not args.no_progress)
+    answer_file = write_answer_file(Path(args.out) / "model_answer" / f"{model_id}.jsonl", records)
+    by_category = stats.pop("by_category")
+    write_results(Path(args.out) / "mtbench.json", "mtbench", stats, settings_of(config), checkpoint,
+                  extra={"answer_file": str(answer_file), "by_category": by_category})
+    turns = sorted({k for row in by_category.values() for k in row if k.startswith("mean_tokens_turn")})
+    rows = [(category, row["questions"], *(row.get(k, "") for k in turns)) for category, row in by_category.items()]
+    print(format_table(["category", "questions", *(k.replace("mean_tokens_", "tokens ") for k in turns)], rows))
+    print(f"{stats['questions']} answers ({stats['truncated_prompts']} prompts cut from the left, "
+          f"{stats['empty_answers']} empty turns) -> {answer_file}", file=sys.stderr)
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -489,6 +580,49 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-batch-size", type=int, default=64)
     t.add_argument("--limit", type=int, help="questions per test file")
     t.set_defaults(func=cmd_task_reversal)
+
+    t = tasks.add_parser("gsm8k", help="fine-tune on GSM8K (question -> reasoning + #### answer), then test accuracy")
+    t.add_argument("--train", help="GSM8K train jsonl {question, answer} (not needed with --checkpoint)")
+    t.add_argument("--test", required=True, help="GSM8K jsonl to evaluate on")
+    t.add_argument("--out", required=True, help="directory for gsm8k.json, gsm8k_generations.jsonl (and OUT/run)")
+    _add_task_model_args(t, epochs=40, model="tiny-1m", lr=3e-3)
+    t.add_argument("--train-limit", type=int, help="train on the first N examples only")
+    t.add_argument("--keep-calculator", action="store_true", help="keep GSM8K's <<a*b=c>> annotations in training")
+    t.add_argument("--prepare-only", action="store_true",
+                   help="write OUT/gsm8k_sft.jsonl and stop (train it with `smdm sft`, e.g. under torchrun)")
+    t.add_argument("--limit", type=int, help="test questions (the first N)")
+    t.add_argument("--length", type=int, default=256, help="tokens generated (stage 1 with --two-stage)")
+    t.add_argument("--steps", type=int, help="MDM denoising steps (default: length)")
+    t.add_argument("--block-length", type=int, help="MDM semi-autoregressive block length (default: length)")
+    t.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
+    t.add_argument("--cfg-scale", type=float, help="MDM unsupervised CFG (of the reasoning with --two-stage)")
+    t.add_argument("--two-stage", action="store_true", help="generate the reasoning, then the answer after ####")
+    t.add_argument("--answer-cfg-scale", type=float, help="MDM CFG of the answer stage")
+    t.add_argument("--answer-length", type=int, default=16, help="tokens of the answer stage")
+    t.add_argument("--temperature", type=float, default=0.0)
+    t.add_argument("--eval-batch-size", type=int, default=16)
+    t.add_argument("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines instead of failing")
+    t.set_defaults(func=cmd_task_gsm8k)
+
+    t = tasks.add_parser("mtbench", help="answer the MT-Bench questions (two turns) in FastChat's answer format")
+    t.add_argument("--checkpoint", required=True)
+    t.add_argument("--questions", required=True, help="FastChat question.jsonl {question_id, category, turns}")
+    t.add_argument("--out", required=True, help="directory for model_answer/MODEL_ID.jsonl and mtbench.json")
+    t.add_argument("--model-id", help="name in the answer file (default: CONFIG-OBJECTIVE)")
+    t.add_argument("--length", type=int, default=256, help="tokens generated per turn")
+    t.add_argument("--steps", type=int, help="MDM denoising steps (default: length)")
+    t.add_argument("--block-length", type=int, help="MDM semi-autoregressive block length (default: length)")
+    t.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
+    t.add_argument("--cfg-scale", type=float, help="MDM unsupervised classifier-free guidance")
+    t.add_argument("--temperature", type=float, default=0.0)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--limit", type=int, help="questions (the first N)")
+    t.add_argument("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines instead of failing")
+    t.add_argument("--tokenizer")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_task_mtbench)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint (MDM samplers or ARM decoding)")
     p.add_argument("--checkpoint", required=True)
