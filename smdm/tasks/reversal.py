@@ -83,7 +83,7 @@ class ReversalConfig:
     remasking: str = "low_confidence"
     cfg_scale: float | None = None
     batch_size: int = 64
-    limit: int | None = None  # questions per file
+    limit: int | None = None  # questions per file, spread evenly over it
 
 
 def read_split(data_dir: str | Path, split: str, limit: int | None = None) -> list[tuple[str, str]]:
@@ -91,7 +91,9 @@ def read_split(data_dir: str | Path, split: str, limit: int | None = None) -> li
             for _, obj in iter_jsonl(split_file(data_dir, split), required=("prompt", "completion"))]
     if not rows:
         raise SmdmError(f"{split_file(data_dir, split)}: no questions")
-    return rows[:limit] if limit else rows
+    if limit and limit < len(rows):  # spread over the file: its questions come grouped by person
+        rows = rows[::math.ceil(len(rows) / limit)][:limit]
+    return rows
 
 
 @torch.no_grad()
