@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from smdm.data.jsonl import read_records
 from smdm.data.prepare import token_dtype
 from smdm.errors import SmdmError
 from smdm.tokenizer import Tokenizer
@@ -102,36 +103,14 @@ def _example_from(obj: object, config: SFTConfig, where: str) -> Example:
 def read_examples(path: str | Path, config: SFTConfig | None = None) -> tuple[list[Example], list[str]]:
     """Examples of a jsonl file and the problems of the lines skipped (only with skip_bad_lines)."""
     config = config or SFTConfig()
-    path = Path(path)
-    if not path.is_file():
-        raise SmdmError(f"{path}: no such file")
-    examples: list[Example] = []
-    problems: list[str] = []
-    with open(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                try:
-                    line = raw.decode("utf-8").strip()
-                except UnicodeDecodeError:
-                    raise SmdmError(f"{where}: not UTF-8") from None
-                if not line:
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SmdmError(f"{where}: bad JSON ({exc.msg})") from None
-                example = _example_from(obj, config, where)
-                if not example.response.strip():
-                    raise SmdmError(f"{where}: empty response")
-                examples.append(example)
-            except SmdmError as error:
-                if not config.skip_bad_lines:
-                    raise
-                problems.append(str(error))
-    if not examples:
-        raise SmdmError(f"{path}: no usable examples")
-    return examples, problems
+
+    def parse(obj: dict, where: str) -> Example:
+        example = _example_from(obj, config, where)
+        if not example.response.strip():
+            raise SmdmError(f"{where}: empty response")
+        return example
+
+    return read_records(path, parse, skip_bad_lines=config.skip_bad_lines)
 
 
 def encode_example(example: Example, tokenizer: Tokenizer, config: SFTConfig) -> tuple[list[int], int]:
@@ -276,28 +255,3 @@ class SFTDataset:
         if state.get("n_rows") != self.n_rows or state.get("seed") != self.seed:
             raise SmdmError("data state mismatch: resume with the same SFT data and seed")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
-def iter_jsonl(path: str | Path, required: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of a jsonl file, checking required fields; errors name file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise SmdmError(f"{path}: no such file")
-    with open(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise SmdmError(f"{path}:{lineno}: not UTF-8") from None
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SmdmError(f"{path}:{lineno}: bad JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise SmdmError(f"{path}:{lineno}: expected a JSON object")
-            for key in required:
-                if key not in obj:
-                    raise SmdmError(f"{path}:{lineno}: missing field {key!r}")
-            yield lineno, obj

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from smdm.data.jsonl import read_records, string_field
 from smdm.errors import SmdmError
 from smdm.model import Transformer
 from smdm.sample import generate, make_plan
-from smdm.tasks.jsonl import read_records, string_field
 from smdm.tokenizer import Tokenizer
 
 ANSWER_MARK = "####"

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from smdm.data.jsonl import read_records, string_field
 from smdm.data.sft import chat_prompt
 from smdm.errors import SmdmError
 from smdm.model import Transformer
 from smdm.sample import generate, make_plan
-from smdm.tasks.jsonl import read_records, string_field
 from smdm.tokenizer import Tokenizer
 
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from smdm.data.sft import iter_jsonl
+from smdm.data.jsonl import read_records, string_field
 from smdm.errors import SmdmError
 from smdm.model import Transformer
 from smdm.sample import generate
@@ -87,10 +87,8 @@ class ReversalConfig:
 
 
 def read_split(data_dir: str | Path, split: str, limit: int | None = None) -> list[tuple[str, str]]:
-    rows = [(obj["prompt"], obj["completion"])
-            for _, obj in iter_jsonl(split_file(data_dir, split), required=("prompt", "completion"))]
-    if not rows:
-        raise SmdmError(f"{split_file(data_dir, split)}: no questions")
+    rows, _ = read_records(split_file(data_dir, split),
+                           lambda obj, where: (string_field(obj, "prompt", where), string_field(obj, "completion", where)))
     if limit and limit < len(rows):  # spread over the file: its questions come grouped by person
         rows = rows[::math.ceil(len(rows) / limit)][:limit]
     return rows
