@@ -1,4 +1,4 @@
-"""Task input files: jsonl records checked one line at a time, each problem named by file:line.
+"""jsonl records (SFT data, task and benchmark files) checked one line at a time, each problem named by file:line.
 
 A benchmark file with one broken line should either fail with that line's address (the default: a silently
 smaller test set changes the metric) or, when asked, skip it and report it, never crash with a traceback.
