@@ -466,6 +466,7 @@ def cmd_scale_run(args: argparse.Namespace) -> None:
 def cmd_scale_fit(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
+    from smdm.data.packed import corpus_unigram_entropy
     from smdm.scaling import fit_sweep, plot_sweep
     from smdm.sweep import collect_results
 
@@ -477,7 +478,12 @@ def cmd_scale_fit(args: argparse.Namespace) -> None:
         raise SmdmError(f"{args.manifest}: no finished runs to fit; run `smdm scale run {args.manifest}` first")
     report = fit_sweep(results, count=spec.flops_count, irreducible=args.irreducible, bootstrap=args.bootstrap,
                        seed=args.seed)
-    report.update(sweep=spec.name, skipped_runs=missing, runs=[asdict(r) for r in results])
+    try:  # context for the reader: the loss of a model that ignores context
+        unigram = corpus_unigram_entropy(args.data or spec.data_dir, "val")
+    except (SmdmError, OSError):
+        unigram = None
+    report.update(sweep=spec.name, unigram_entropy_val=unigram, skipped_runs=missing,
+                  runs=[asdict(r) for r in results])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -495,7 +501,7 @@ def cmd_scale_fit(args: argparse.Namespace) -> None:
         print(f"compute gap MDM/ARM ({count}): " + ", ".join(
             f"{g['gap']:.1f}x at {label}" + (f" [{g['ci95'][0]:.1f}, {g['ci95'][1]:.1f}]" if g["ci95"] else "")
             for label, g in gaps.items()))
-    for path in [out / "scaling.json", *plot_sweep(results, report, out)]:
+    for path in [out / "scaling.json", *plot_sweep(results, report, out, unigram)]:
         print(f"wrote {path}")
 
 
@@ -726,6 +732,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--irreducible", action="store_true", help="also fit L = E + A C^-alpha (needs 4 budgets)")
     s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data", help="data directory for the unigram-entropy reference line (default: the spec's)")
     s.set_defaults(func=cmd_scale_fit)
     s = scale.add_parser("launch", help="print one torchrun command per run, or a SLURM array script")
     s.add_argument("manifest")

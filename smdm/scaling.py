@@ -64,7 +64,9 @@ class SweepSpec:
     budgets: list[float]
     objectives: list[str] = field(default_factory=lambda: ["mdm", "arm"])
     sizes_per_budget: int | None = None  # take this many ladder models around the guessed optimum; None: all
-    tokens_per_param: float = 20.0  # the guess that centres each budget's window: D ≈ 20·N (Chinchilla)
+    # The guess that centres each budget's window, D ≈ tokens_per_param·N (Chinchilla: 20); a dict gives each
+    # objective its own, e.g. {"mdm": 200, "arm": 20}: small MDMs want far more data per parameter than ARMs.
+    tokens_per_param: float | dict[str, float] = 20.0
     seq_len: int | None = None  # default: each model's block size
     batch_size: int = 256  # sequences per optimizer step, across all devices
     micro_batch_size: int | None = None  # sequences per device per micro-batch; default: batch_size
@@ -135,11 +137,16 @@ def _check_spec(spec: SweepSpec) -> None:
         raise SmdmError("sizes_per_budget must be at least 1")
 
 
-def _window(configs: list[ModelConfig], budget: float, spec: SweepSpec) -> list[ModelConfig]:
+def _window(configs: list[ModelConfig], budget: float, spec: SweepSpec, objective: str) -> list[ModelConfig]:
     """The `sizes_per_budget` ladder rungs centred (in log N) on the guess N ≈ sqrt(C / (6·tokens_per_param))."""
     if spec.sizes_per_budget is None or spec.sizes_per_budget >= len(configs):
         return configs
-    guess = math.sqrt(budget / (6 * spec.tokens_per_param))
+    ratio = spec.tokens_per_param
+    if isinstance(ratio, dict):
+        if objective not in ratio:
+            raise SmdmError(f"tokens_per_param has no entry for {objective}")
+        ratio = ratio[objective]
+    guess = math.sqrt(budget / (6 * float(ratio)))
     ranked = sorted(configs, key=non_embedding_params)
     centre = min(range(len(ranked)), key=lambda i: abs(math.log(non_embedding_params(ranked[i]) / guess)))
     start = min(max(0, centre - spec.sizes_per_budget // 2), len(ranked) - spec.sizes_per_budget)
@@ -153,7 +160,9 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
     micro = spec.micro_batch_size or spec.batch_size
     runs: list[PlannedRun] = []
     for budget in sorted(spec.budgets):
-        for config in _window(configs, budget, spec):
+        windows = {o: {c.name for c in _window(configs, budget, spec, o)} for o in spec.objectives}
+        for config in sorted((c for c in configs if any(c.name in w for w in windows.values())),
+                             key=non_embedding_params):
             seq_len = spec.seq_len or config.block_size
             if seq_len > config.block_size:
                 raise SmdmError(f"seq_len {seq_len} exceeds {config.name}'s block size {config.block_size}")
@@ -167,7 +176,7 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
                                 f"{one_step:.3g} FLOPs)")
             warmup = max(1, int(steps * spec.warmup_fraction))
             save_every = max(1, math.ceil(steps / max(1, spec.checkpoints_per_run)))
-            for objective in spec.objectives:
+            for objective in (o for o in spec.objectives if config.name in windows[o]):
                 name = f"{objective}-{config.name}-C{budget:.0e}".replace("+", "")
                 train = {
                     "seq_len": seq_len, "batch_size": micro, "grad_accum": spec.batch_size // micro,
@@ -333,6 +342,9 @@ def _frontier(results: list[RunResult], count: str, irreducible: bool) -> dict[s
     groups: dict[float, list[RunResult]] = {}
     for r in results:
         groups.setdefault(r.budget, []).append(r)
+    # The lower envelope needs no parabola: the best run of each budget, wherever it sits.
+    best = [min(groups[b], key=lambda r: r.loss) for b in sorted(groups)]
+    envelope = fit_power_law([r.flops[count] for r in best], [r.loss for r in best]) if len(best) >= 2 else None
     optima, skipped = [], {}
     for budget in sorted(groups):
         found = isoflop_optimum(groups[budget])
@@ -348,7 +360,7 @@ def _frontier(results: list[RunResult], count: str, irreducible: bool) -> dict[s
     n_law = fit_power_law(c, [o.n_opt for o in optima])
     d_law = fit_power_law(c, [o.tokens_opt for o in optima])
     out = {"optima": optima, "skipped_budgets": skipped, "loss": loss, "a": -n_law.alpha, "b": -d_law.alpha,
-           "n_law": n_law, "d_law": d_law}
+           "n_law": n_law, "d_law": d_law, "envelope": envelope, "envelope_runs": [r.name for r in best]}
     if irreducible and len(optima) >= 4:
         out["loss_irreducible"] = fit_power_law_irreducible(c, [o.loss_opt for o in optima])
     return out
@@ -431,6 +443,8 @@ def fit_sweep(results: list[RunResult], count: str = "attention", irreducible: b
             "d_opt_exponent": {"b": main["b"], "ci95": _interval(samples[family].get(f"{count}:b", []))},
             "residual_sd": float(np.std(noisy[family][1])) if noisy[family][1].size else None,
         }
+        if main["envelope"] is not None:
+            entry["loss_vs_flops_envelope"] = {**_law_json(main["envelope"], []), "runs": main["envelope_runs"]}
         if "loss_irreducible" in main:
             law = main["loss_irreducible"]
             entry["loss_vs_flops_irreducible"] = {"A": law.A, "alpha": law.alpha, "E": law.E}
@@ -476,9 +490,11 @@ def _law_json(law: PowerLaw, alphas: list[float]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------- figures
 
 
-def plot_sweep(results: list[RunResult], report: dict[str, Any], out_dir: str | Path) -> list[Path]:
+def plot_sweep(results: list[RunResult], report: dict[str, Any], out_dir: str | Path,
+               unigram: float | None = None) -> list[Path]:
     """isoflop.png (loss vs N per budget, with parabolas) and frontier.png (L* vs C for MDM and ARM, the paper's
-    Figure 1). Returns the files written; none when matplotlib is missing."""
+    Figure 1). `unigram`, the validation text's unigram entropy, is drawn as the bar a model must clear.
+    Returns the files written; none when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -510,6 +526,8 @@ def plot_sweep(results: list[RunResult], report: dict[str, Any], out_dir: str | 
                         "-", color=colour, lw=1)
             if budget in optima:
                 ax.plot(optima[budget]["n_opt"], optima[budget]["loss_opt"], "*", color=colour, ms=12, mec="k")
+        if unigram is not None:
+            ax.axhline(unigram, color="grey", ls=":", lw=1, label="unigram entropy")
         ax.set_xscale("log")
         ax.set_xlabel("non-embedding parameters N")
         ax.set_title(f"{family.upper()} IsoFLOP curves")
@@ -538,6 +556,8 @@ def plot_sweep(results: list[RunResult], report: dict[str, Any], out_dir: str | 
         ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
         ax.plot(grid, law["A"] * grid ** -law["alpha"], "-", color=colour,
                 label=f"{label}: L = {law['A']:.3g}·C^-{law['alpha']:.3f}{ci_text}")
+    if unigram is not None:
+        ax.axhline(unigram, color="grey", ls=":", lw=1, label="unigram entropy of the validation text")
     gap = report.get("compute_gap", {}).get(count)
     if gap:
         values = [g["gap"] for g in gap.values() if math.isfinite(g["gap"])]

@@ -80,6 +80,11 @@ def test_plan_windows_sizes_around_the_guessed_optimum():
     # sqrt(1e18 / 120) = 91M -> centred on smdm-85m; sqrt(1e20 / 120) = 913M -> smdm-831m.
     assert by_budget[1e18] == ["smdm-34m", "smdm-85m", "smdm-170m"]
     assert by_budget[1e20] == ["smdm-336m", "smdm-831m", "smdm-1233m"]
+    # Per-objective guesses: an MDM asked for 100x the tokens per parameter gets a window 10x smaller.
+    runs = plan_sweep(_paper_spec(models=ladder, budgets=[1e20], sizes_per_budget=3,
+                                  tokens_per_param={"mdm": 2000, "arm": 20}))
+    assert [r.model for r in runs if r.objective == "mdm"] == ["smdm-34m", "smdm-85m", "smdm-170m"]
+    assert [r.model for r in runs if r.objective == "arm"] == ["smdm-336m", "smdm-831m", "smdm-1233m"]
 
 
 def test_plan_rejects_bad_input():
@@ -142,6 +147,7 @@ def test_fitter_recovers_known_exponents_and_compute_gap():
         assert entry["n_opt_exponent"]["a"] == pytest.approx(TRUE_A, abs=0.04)
         assert entry["d_opt_exponent"]["b"] == pytest.approx(TRUE_B, abs=0.04)
         assert all(o["inside"] for o in entry["optima"])
+        assert entry["loss_vs_flops_envelope"]["alpha"] == pytest.approx(TRUE_ALPHA, abs=0.02)
     for label, gap in report["compute_gap"]["attention"].items():
         assert gap["gap"] == pytest.approx(16, rel=0.15), label
         assert gap["ci95"][0] < gap["gap"] < gap["ci95"][1]
