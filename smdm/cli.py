@@ -141,8 +141,9 @@ def cmd_task_reversal(args: argparse.Namespace) -> None:
     for split in ("p2d", "d2p", "p2d_reverse", "d2p_reverse"):
         if not split_file(data_dir, split).is_file():
             raise SmdmError(f"{split_file(data_dir, split)}: no such file; --data-dir must hold the reversal-curse data")
-    config = ReversalConfig(data_dir=str(data_dir), length=args.length, steps=args.steps, remasking=args.remasking,
-                            cfg_scale=args.cfg_scale, batch_size=args.eval_batch_size, limit=args.limit)
+    config = ReversalConfig(data_dir=str(data_dir), length=args.length, steps=args.steps,
+                            block_length=args.block_length, remasking=args.remasking, cfg_scale=args.cfg_scale,
+                            batch_size=args.eval_batch_size, limit=args.limit)
     checkpoint, tokenizer = _task_model(args, [data_dir / TRAIN_FILE], text_mode=True)
     results = evaluate_reversal(checkpoint.model, tokenizer, config, progress=not args.no_progress)
     metrics = {split: {k: v for k, v in r.items() if k != "examples"} for split, r in results.items()}
@@ -581,10 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_model_args(t, epochs=30, model="tiny-1m", lr=3e-3)
     t.add_argument("--length", type=int, help="tokens to generate (default: longest reference + 4)")
     t.add_argument("--steps", type=int, help="MDM denoising steps (default: length)")
+    t.add_argument("--block-length", type=int, help="MDM semi-autoregressive blocks (length rounds up to a multiple)")
     t.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
     t.add_argument("--cfg-scale", type=float)
     t.add_argument("--eval-batch-size", type=int, default=64)
-    t.add_argument("--limit", type=int, help="questions per test file")
+    t.add_argument("--limit", type=int, help="questions per test file, spread over it")
     t.set_defaults(func=cmd_task_reversal)
 
     t = tasks.add_parser("gsm8k", help="fine-tune on GSM8K (question -> reasoning + #### answer), then test accuracy")

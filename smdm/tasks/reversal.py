@@ -80,6 +80,7 @@ class ReversalConfig:
     data_dir: str
     length: int | None = None  # tokens generated; default: the longest reference of the file + 4
     steps: int | None = None  # MDM denoising steps; default: length
+    block_length: int | None = None  # MDM semi-autoregressive blocks; default: one block (length rounds up to it)
     remasking: str = "low_confidence"
     cfg_scale: float | None = None
     batch_size: int = 64
@@ -102,7 +103,7 @@ def answer(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], con
     for first in range(0, len(prompts), config.batch_size):
         encoded = [tokenizer.encode(p) for p in prompts[first:first + config.batch_size]]
         options = {} if model.causal else {"steps": config.steps or length, "remasking": config.remasking,
-                                           "cfg_scale": config.cfg_scale}
+                                           "cfg_scale": config.cfg_scale, "block_length": config.block_length}
         result = generate(model, encoded, length, eos_id=tokenizer.eos_id, **options)
         answers += [tokenizer.decode(ids) for ids in result.completions]
     return answers
@@ -118,6 +119,8 @@ def evaluate_reversal(model: Transformer, tokenizer: Tokenizer, config: Reversal
         question, kind, direction = SPLITS[split]
         rows = read_split(config.data_dir, split, config.limit)
         length = config.length or max(len(tokenizer.encode(c)) for _, c in rows) + 4
+        if config.block_length and not model.causal:
+            length = math.ceil(length / config.block_length) * config.block_length
         generations = answer(model, tokenizer, [p for p, _ in rows], config, length)
         hits = [contains(c, g) for (_, c), g in zip(rows, generations)]
         result = {"question": question, "direction": direction, "answer": kind, "n": len(rows),
