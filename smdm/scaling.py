@@ -328,6 +328,9 @@ def isoflop_optimum(points: list[RunResult]) -> Optimum | str:
     if a2 <= 0:
         return "no minimum: the loss is not convex in log N over these sizes"
     x_opt = -a1 / (2 * a2)
+    span = x.max() - x.min()
+    if not x.min() - span <= x_opt <= x.max() + span:  # a nearly flat curve: its vertex says nothing about N*
+        return f"minimum far outside the sampled sizes (N* ≈ {math.exp(min(x_opt, 700)):.3g})"
     # Tokens and compute at N*: log-linear in log N within the budget (D ∝ C / flops_per_token(N)).
     tokens = math.exp(np.polyval(np.polyfit(x, np.log([p.tokens for p in points]), 1), x_opt))
     flops = {c: math.exp(np.polyval(np.polyfit(x, np.log([p.flops[c] for p in points]), 1), x_opt))

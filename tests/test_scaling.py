@@ -175,6 +175,11 @@ def test_too_few_points_is_a_clear_error():
     one_budget = [r for r in _synthetic("arm") if r.budget == 1e18]
     with pytest.raises(SmdmError, match="need at least 2 for L"):
         fit_sweep(one_budget, bootstrap=0)
+    from smdm.scaling import isoflop_optimum
+
+    flat = [RunResult(f"r{n}", "mdm", 1e12, n, 1e12 / (6 * n), {"6n": 1e12}, 5.0 + 1e-9 * (math.log(n) - 10) ** 2
+                      - 1e-6 * math.log(n)) for n in (1e4, 2e4, 4e4, 8e4)]
+    assert "far outside the sampled sizes" in isoflop_optimum(flat)
     two_sizes = [r for r in _synthetic("arm") if r.n_params in (8e6, 16e6)]
     with pytest.raises(SmdmError, match="a parabola needs 3"):
         fit_sweep(two_sizes, bootstrap=0)
