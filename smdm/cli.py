@@ -143,15 +143,17 @@ def cmd_task_reversal(args: argparse.Namespace) -> None:
             raise SmdmError(f"{split_file(data_dir, split)}: no such file; --data-dir must hold the reversal-curse data")
     config = ReversalConfig(data_dir=str(data_dir), length=args.length, steps=args.steps,
                             block_length=args.block_length, remasking=args.remasking, cfg_scale=args.cfg_scale,
-                            batch_size=args.eval_batch_size, limit=args.limit)
+                            batch_size=args.eval_batch_size, limit=args.limit, rank=args.rank)
     checkpoint, tokenizer = _task_model(args, [data_dir / TRAIN_FILE], text_mode=True)
     results = evaluate_reversal(checkpoint.model, tokenizer, config, progress=not args.no_progress)
     metrics = {split: {k: v for k, v in r.items() if k != "examples"} for split, r in results.items()}
     write_results(Path(args.out) / "reversal.json", "reversal", metrics, settings_of(config), checkpoint,
                   extra={"examples": {split: r["examples"] for split, r in results.items()}})
-    rows = [(split, r["question"], r["direction"], r["n"], 100 * r["accuracy"],
-             r.get("bleu", "")) for split, r in results.items()]
-    print(format_table(["file", "question", "direction", "n", "accuracy %", "BLEU"], rows))
+    rows = [(split, r["question"], r["direction"], r["n"], 100 * r["accuracy"], r.get("bleu", ""))
+            + ((100 * r["rank_accuracy"], 100 * r["rank_chance"]) if args.rank else ())
+            for split, r in results.items()]
+    header = ["file", "question", "direction", "n", "accuracy %", "BLEU"]
+    print(format_table(header + (["rank accuracy %", "chance %"] if args.rank else []), rows))
 
 
 def _refuse_arm_options(args: argparse.Namespace, names: Sequence[str]) -> None:
@@ -587,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cfg-scale", type=float)
     t.add_argument("--eval-batch-size", type=int, default=64)
     t.add_argument("--limit", type=int, help="questions per test file, spread over it")
+    t.add_argument("--rank", type=int, metavar="N",
+                   help="also rank all the file's answers by likelihood for N questions per file (vs chance)")
     t.set_defaults(func=cmd_task_reversal)
 
     t = tasks.add_parser("gsm8k", help="fine-tune on GSM8K (question -> reasoning + #### answer), then test accuracy")

@@ -56,7 +56,8 @@ def test_task_reversal_trains_then_evaluates(tmp_path, capsys, objective):
     code, stdout, err = run_cli(capsys, "task", "reversal", "--data-dir", str(data), "--out", str(out),
                                 "--model", "tiny-test", "--objective", objective,
                                 "--epochs", "40" if objective == "arm" else "5",
-                                "--batch-size", "4", "--vocab-size", "300", "--threads", "1", "--no-progress")
+                                "--batch-size", "4", "--vocab-size", "300", "--threads", "1", "--no-progress",
+                                "--rank", "2")
     assert code == 0, err
     record = json.loads((out / "reversal.json").read_text())
     assert set(record["metrics"]) == set(SPLITS)
@@ -64,8 +65,10 @@ def test_task_reversal_trains_then_evaluates(tmp_path, capsys, objective):
     for split, metrics in record["metrics"].items():
         assert metrics["n"] == 3 and 0 <= metrics["accuracy"] <= 1
         assert ("bleu" in metrics) == (SPLITS[split][1] == "description")
+        assert metrics["rank_n"] == 2 and metrics["rank_chance"] == pytest.approx(1 / 3)
     if objective == "arm":  # an ARM memorises the trained direction of this tiny set in 40 epochs (an MDM needs ~5x more)
         assert record["metrics"]["p2d"]["accuracy"] >= 2 / 3, record["examples"]["p2d"]
+        assert record["metrics"]["p2d"]["rank_accuracy"] == 1.0  # what it can say, it also ranks first
     assert "| p2d_reverse |" in stdout
     # Evaluating the saved model again gives the same, deterministic answers.
     code, _, err = run_cli(capsys, "task", "reversal", "--data-dir", str(data), "--out", str(tmp_path / "again"),

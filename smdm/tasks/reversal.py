@@ -85,6 +85,7 @@ class ReversalConfig:
     cfg_scale: float | None = None
     batch_size: int = 64
     limit: int | None = None  # questions per file, spread evenly over it
+    rank: int | None = None  # also rank all the file's answers by likelihood for this many questions (spread)
 
 
 def read_split(data_dir: str | Path, split: str, limit: int | None = None) -> list[tuple[str, str]]:
@@ -109,6 +110,26 @@ def answer(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], con
     return answers
 
 
+@torch.no_grad()
+def rank_accuracy(model: Transformer, tokenizer: Tokenizer, rows: Sequence[tuple[str, str]],
+                  candidates: Sequence[str]) -> float:
+    """Fraction of questions whose reference is the most likely of the candidates (all the file's distinct answers).
+
+    Each candidate is scored as the continuation `answer + EOS` of the question (exactly for an ARM, by the
+    left-to-right chain rule for an MDM), so a model that knows the fact but cannot yet spell it out still
+    counts, and chance is 1 / len(candidates).
+    """
+    from smdm.likelihood import score
+
+    encoded = {c: tokenizer.encode(c) + [tokenizer.eos_id] for c in candidates}
+    hits = 0
+    for prompt, reference in rows:
+        prefix = tokenizer.encode(prompt)
+        nll = {c: score(model, prefix, ids, method="chain", batch_size=64).nll for c, ids in encoded.items()}
+        hits += min(nll, key=nll.get) == reference
+    return hits / len(rows)
+
+
 def evaluate_reversal(model: Transformer, tokenizer: Tokenizer, config: ReversalConfig,
                       progress: bool = True) -> dict[str, dict]:
     """Accuracy (and BLEU for description answers) on each of the four test files, with a few examples."""
@@ -127,6 +148,11 @@ def evaluate_reversal(model: Transformer, tokenizer: Tokenizer, config: Reversal
                   "accuracy": sum(hits) / len(rows), "length": length}
         if kind == "description":
             result["bleu"] = corpus_bleu([c for _, c in rows], generations)
+        if config.rank:
+            candidates = sorted({c for _, c in read_split(config.data_dir, split)})
+            ranked = read_split(config.data_dir, split, config.rank)
+            result["rank_accuracy"] = rank_accuracy(model, tokenizer, ranked, candidates)
+            result["rank_n"], result["rank_chance"] = len(ranked), 1 / len(candidates)
         result["examples"] = [{"prompt": p, "reference": c, "generation": g}
                               for (p, c), g in list(zip(rows, generations))[:3]]
         results[split] = result
