@@ -150,7 +150,8 @@ def cmd_task_reversal(args: argparse.Namespace) -> None:
     write_results(Path(args.out) / "reversal.json", "reversal", metrics, settings_of(config), checkpoint,
                   extra={"examples": {split: r["examples"] for split, r in results.items()}})
     rows = [(split, r["question"], r["direction"], r["n"], 100 * r["accuracy"], r.get("bleu", ""))
-            + ((100 * r["rank_accuracy"], 100 * r["rank_chance"]) if args.rank else ())
+            + ((100 * r["rank_accuracy"], 100 * r["rank_chance"]) if "rank_accuracy" in r else ("", "") if args.rank
+               else ())
             for split, r in results.items()]
     header = ["file", "question", "direction", "n", "accuracy %", "BLEU"]
     print(format_table(header + (["rank accuracy %", "chance %"] if args.rank else []), rows))
@@ -590,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-batch-size", type=int, default=64)
     t.add_argument("--limit", type=int, help="questions per test file, spread over it")
     t.add_argument("--rank", type=int, metavar="N",
-                   help="also rank all the file's answers by likelihood for N questions per file (vs chance)")
+                   help="name answers: also rank all the file's names by likelihood for N questions (vs chance)")
     t.set_defaults(func=cmd_task_reversal)
 
     t = tasks.add_parser("gsm8k", help="fine-tune on GSM8K (question -> reasoning + #### answer), then test accuracy")

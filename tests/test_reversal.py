@@ -31,21 +31,23 @@ def test_bleu_against_hand_computed_values():
         corpus_bleu(["a"], [])
 
 
-FACTS = [("Ada Quill", "the inventor of the silent bell"), ("Bram Tove", "the painter of the blue moon"),
-         ("Cleo Marsh", "the author of the lost map")]
+P2D = [("Ada Quill", "the inventor of the silent bell"), ("Bram Tove", "the painter of the blue moon"),
+       ("Cleo Marsh", "the author of the lost map")]  # trained as name -> description
+D2P = [("Dov Reyes", "the builder of the glass tower"), ("Eli Stone", "the singer of the last song"),
+       ("Fay Lund", "the keeper of the north light")]  # trained as description -> name
 
 
 def _reversal_dir(root):
     """A miniature of the reversal-curse layout: facts stated one way in training, asked both ways in the tests."""
     root.mkdir()
     write = lambda name, rows: (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train = [{"prompt": f"{n} is known as", "completion": f" {d}."} for n, d in FACTS] * 4
-    write(TRAIN_FILE, train)
-    write("p2d_prompts_test.jsonl", [{"prompt": f"{n} is known as", "completion": f" {d}."} for n, d in FACTS])
-    write("d2p_prompts_test.jsonl", [{"prompt": f"Known as {d},", "completion": f" {n}"} for n, d in FACTS])
-    write("p2d_reverse_prompts_test.jsonl", [{"prompt": f"Known as {d},", "completion": f" {n}"} for n, d in FACTS])
-    write("d2p_reverse_prompts_test.jsonl",
-          [{"prompt": f"{n} is known as", "completion": f" {d}."} for n, d in FACTS])
+    name_first = lambda facts: [{"prompt": f"{n} is known as", "completion": f" {d}."} for n, d in facts]
+    name_last = lambda facts: [{"prompt": f"Known as {d},", "completion": f" {n}"} for n, d in facts]
+    write(TRAIN_FILE, (name_first(P2D) + name_last(D2P)) * 4)
+    write("p2d_prompts_test.jsonl", name_first(P2D))
+    write("d2p_prompts_test.jsonl", name_last(D2P))
+    write("p2d_reverse_prompts_test.jsonl", name_last(P2D))
+    write("d2p_reverse_prompts_test.jsonl", name_first(D2P))
     return root
 
 
@@ -65,10 +67,13 @@ def test_task_reversal_trains_then_evaluates(tmp_path, capsys, objective):
     for split, metrics in record["metrics"].items():
         assert metrics["n"] == 3 and 0 <= metrics["accuracy"] <= 1
         assert ("bleu" in metrics) == (SPLITS[split][1] == "description")
-        assert metrics["rank_n"] == 2 and metrics["rank_chance"] == pytest.approx(1 / 3)
+        if SPLITS[split][1] == "name":
+            assert metrics["rank_n"] == 2 and metrics["rank_chance"] == pytest.approx(1 / 3)
+        else:
+            assert "rank_accuracy" not in metrics
     if objective == "arm":  # an ARM memorises the trained direction of this tiny set in 40 epochs (an MDM needs ~5x more)
         assert record["metrics"]["p2d"]["accuracy"] >= 2 / 3, record["examples"]["p2d"]
-        assert record["metrics"]["p2d"]["rank_accuracy"] == 1.0  # what it can say, it also ranks first
+        assert record["metrics"]["d2p"]["rank_accuracy"] == 1.0, record["examples"]["d2p"]
     assert "| p2d_reverse |" in stdout
     # Evaluating the saved model again gives the same, deterministic answers.
     code, _, err = run_cli(capsys, "task", "reversal", "--data-dir", str(data), "--out", str(tmp_path / "again"),

@@ -85,7 +85,7 @@ class ReversalConfig:
     cfg_scale: float | None = None
     batch_size: int = 64
     limit: int | None = None  # questions per file, spread evenly over it
-    rank: int | None = None  # also rank all the file's answers by likelihood for this many questions (spread)
+    rank: int | None = None  # name answers: also rank all the file's names by likelihood for this many questions
 
 
 def read_split(data_dir: str | Path, split: str, limit: int | None = None) -> list[tuple[str, str]]:
@@ -148,7 +148,7 @@ def evaluate_reversal(model: Transformer, tokenizer: Tokenizer, config: Reversal
                   "accuracy": sum(hits) / len(rows), "length": length}
         if kind == "description":
             result["bleu"] = corpus_bleu([c for _, c in rows], generations)
-        if config.rank:
+        if config.rank and kind == "name":  # 30 names; descriptions come in many paraphrases, so no clean ranking
             candidates = sorted({c for _, c in read_split(config.data_dir, split)})
             ranked = read_split(config.data_dir, split, config.rank)
             result["rank_accuracy"] = rank_accuracy(model, tokenizer, ranked, candidates)
