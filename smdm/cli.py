@@ -767,7 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"smdm: error: {error.filename or error}: no such file or directory", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `smdm configs | head`
-        sys.stdout = open(os.devnull, "w")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe: no error at exit
     except KeyboardInterrupt:
         print("smdm: interrupted", file=sys.stderr)
         return 130
