@@ -169,14 +169,8 @@ def _refuse_arm_options(args: argparse.Namespace, names: Sequence[str]) -> None:
                 raise SmdmError(f"{flag} is an MDM sampler option; an ARM decodes one token per step")
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def cmd_task_gsm8k(args: argparse.Namespace) -> None:
+    from smdm.data.jsonl import write_jsonl
     from smdm.tasks.gsm8k import GSM8KConfig, evaluate_gsm8k, settings_of, write_sft_file
     from smdm.tasks.report import format_table, write_results
 
@@ -212,7 +206,7 @@ def cmd_task_gsm8k(args: argparse.Namespace) -> None:
         checkpoint, tokenizer = _load_for_inference(args.checkpoint, args.tokenizer, args.device)
     metrics, records = evaluate_gsm8k(checkpoint.model, tokenizer, config, progress=not args.no_progress)
     generations = out / "gsm8k_generations.jsonl"
-    _write_jsonl(generations, records)
+    write_jsonl(generations, records)
     write_results(out / "gsm8k.json", "gsm8k", metrics, settings, checkpoint,
                   extra={"generations_file": str(generations)})
     print(format_table(["mode", "n", "correct", "accuracy %", "no answer", "skipped (too long)",
@@ -316,14 +310,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
             if args.out is None:
                 print(json.dumps(record, ensure_ascii=False), flush=True)
     if args.out is not None:
-        out = Path(args.out)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-            os.replace(tmp, out)
-        except OSError as error:
-            tmp.unlink(missing_ok=True)
-            raise SmdmError(f"could not write {out}: {error.strerror or error}") from None
+        from smdm.data.jsonl import write_jsonl
+
+        out = write_jsonl(args.out, records)
         print(f"{len(records)} samples -> {out}", file=sys.stderr)
 
 

@@ -7,7 +7,8 @@ smaller test set changes the metric) or, when asked, skip it and report it, neve
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -62,3 +63,21 @@ def string_field(obj: dict, key: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise SmdmError(f"{where}: field {key!r} must be a non-empty string")
     return value
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
+    """Write one JSON object per line atomically (temp file + rename): a half-written file would silently shorten
+    an evaluation or a training set. Parent directories are created; a write failure is one SmdmError line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise SmdmError(f"could not write {path}: {error.strerror or error}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

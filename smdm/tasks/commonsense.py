@@ -12,12 +12,12 @@ copies of the official HellaSwag, RACE and LAMBADA files. Every problem is repor
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from smdm.data.jsonl import write_jsonl
 from smdm.errors import SmdmError
 
 
@@ -133,18 +133,6 @@ def convert_record(subset: Subset, record: object, where: str) -> dict:
     return {"query": subset.query.format(q=question), "choices": choices, "gold": gold}
 
 
-def write_jsonl(records: list[dict], out: Path) -> None:
-    """Write atomically: a half-written task file would silently shorten an evaluation."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        os.replace(tmp, out)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise SmdmError(f"could not write {out}: {error.strerror or error}") from None
-
-
 def convert_subset(subset: Subset, source: Path) -> list[dict]:
     """All records of one LLM-Adapters file, converted."""
     return [convert_record(subset, record, f"{source}:{line}") for line, record in iter_json_records(source)]
@@ -163,7 +151,7 @@ def convert_commonsense(source_dir: str | Path, out_dir: str | Path, tasks: list
     converted = {name: convert_subset(SUBSETS[name], Path(source_dir) / SUBSETS[name].folder / f"{split}.json")
                  for name in names}
     for name, records in converted.items():
-        write_jsonl(records, Path(out_dir) / f"{name}.jsonl")
+        write_jsonl(Path(out_dir) / f"{name}.jsonl", records)
     return {name: len(records) for name, records in converted.items()}
 
 
@@ -236,5 +224,5 @@ def convert_official(kind: str, source: str | Path, out_dir: str | Path) -> int:
     records = OFFICIAL[kind](Path(source))
     if not records:
         raise SmdmError(f"{source}: no records")
-    write_jsonl(records, Path(out_dir) / f"{kind}.jsonl")
+    write_jsonl(Path(out_dir) / f"{kind}.jsonl", records)
     return len(records)

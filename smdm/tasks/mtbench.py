@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from smdm.data.jsonl import read_records, string_field
+from smdm.data.jsonl import read_records, string_field, write_jsonl
 from smdm.data.sft import chat_prompt
 from smdm.errors import SmdmError
 from smdm.model import Transformer
@@ -173,16 +172,7 @@ def _by_category(questions: Sequence[Question], tokens: Sequence[Sequence[int]])
 
 def write_answer_file(path: str | Path, records: Sequence[dict]) -> Path:
     """FastChat's `model_answer/{model_id}.jsonl`: one JSON object per line, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_jsonl(path, records)
 
 
 def settings_of(config: MTBenchConfig) -> dict:
