@@ -133,7 +133,7 @@ def test_convert_official_hellaswag_race_lambada(tmp_path):
     ('{"query": "q", "choices": ["a", "b"]}', ":2: 'gold' must be an index"),
     ('{"query": "q", "choices": "ab", "gold": 0}', ":2: 'choices' must be a list"),
     ("[1, 2]", ":2: expected a JSON object"),
-    ("{oops", ":2: not JSON"),
+    ("{oops", ":2: bad JSON"),
 ])
 def test_task_file_reader_names_the_bad_line(tmp_path, line, fragment):
     path = tmp_path / "piqa.jsonl"

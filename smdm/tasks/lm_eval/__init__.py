@@ -7,7 +7,6 @@ files come from `smdm eval convert` (smdm/tasks/commonsense.py) or are written b
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from smdm.data.jsonl import read_records
 from smdm.errors import SmdmError
 
 TASK_DIR = Path(__file__).resolve().parent
@@ -67,27 +67,11 @@ def read_task_file(path: Path, kind: str) -> list[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         raise SmdmError(f"{path}: task file not found; write it with `smdm eval convert` or point --data-dir "
                         f"(or {DATA_ENV}) at the directory holding it")
-    records = []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = list(handle)
-    except (OSError, UnicodeDecodeError) as error:
-        raise SmdmError(f"{path}: cannot read ({error})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SmdmError(f"{where}: not JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise SmdmError(f"{where}: expected a JSON object")
+    def parse(record: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
         SCHEMAS[kind](record, where)
-        records.append((where, record))
-    if not records:
-        raise SmdmError(f"{path}: no records")
-    return records
+        return where, record
+
+    return read_records(path, parse)[0]
 
 
 @dataclass(frozen=True)
