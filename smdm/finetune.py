@@ -6,7 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from smdm.checkpoint import load_checkpoint
+from smdm.checkpoint import read_checkpoint_meta, resolve_checkpoint_dir
+from smdm.config import ModelConfig
 from smdm.data.sft import SFTConfig, is_sft_data, prepare_sft
 from smdm.errors import SmdmError
 from smdm.tokenizer import Tokenizer
@@ -17,8 +18,9 @@ def resolve_tokenizer(tokenizer: str | Path | None, init_from: str | Path | None
     """The tokenizer given, else the copy stored with the starting checkpoint."""
     if tokenizer is not None:
         return Tokenizer.from_file(tokenizer)
-    if init_from is not None:
-        path = load_checkpoint(init_from).tokenizer_path
+    if init_from is not None:  # metadata only: the weights are loaded once, by the training loop
+        name = read_checkpoint_meta(init_from).get("tokenizer", {}).get("file")
+        path = resolve_checkpoint_dir(init_from) / name if name else None
         if path is not None and path.is_file():
             return Tokenizer.from_file(path)
         raise SmdmError(f"{init_from}: checkpoint carries no tokenizer; pass --tokenizer")
@@ -46,8 +48,6 @@ def finetune(files: list[str | Path], train_config: TrainConfig, sft_config: SFT
 
 
 def _block_size(config: TrainConfig) -> int:
-    from smdm.config import ModelConfig
-
     if config.init_from:
-        return load_checkpoint(config.init_from).config.block_size
+        return int(read_checkpoint_meta(config.init_from)["model"]["block_size"])
     return ModelConfig.from_name(config.model, vocab_size=2).block_size

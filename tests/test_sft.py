@@ -214,3 +214,21 @@ def test_smdm_sft_bad_input(tokenizer, tmp_path, capsys):
     code, _, err = run_cli(capsys, "sft", "--data", str(data), "--out", str(tmp_path / "d"), "--model", "tiny-test",
                            "--max-steps", "1")
     assert_one_line_error(code, err, "--tokenizer")
+
+
+def test_smdm_sft_from_a_checkpoint_uses_its_tokenizer_and_weights(tokenizer, tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    _pairs(data)
+    base = ["--data", str(data), "--model", "tiny-test", "--max-steps", "2", "--no-progress", "--threads", "1"]
+    code, _, err = run_cli(capsys, "sft", *base, "--tokenizer", str(tokenizer.path), "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    code, stdout, err = run_cli(capsys, "sft", *base, "--init-from", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
+                                "--lr", "1e-12", "--warmup-steps", "0")
+    assert code == 0, err
+    assert json.loads(stdout)["model"] == "tiny-test"
+    from safetensors.torch import load_file
+
+    before = load_file(str(tmp_path / "a" / "checkpoint" / "model.safetensors"))
+    after = load_file(str(tmp_path / "b" / "checkpoint" / "model.safetensors"))
+    for name in before:
+        torch.testing.assert_close(before[name], after[name], atol=1e-6, rtol=0)
