@@ -103,11 +103,11 @@ def _task_model(args: argparse.Namespace, train_files: list[Path], text_mode: bo
 
     tokenizer = args.tokenizer
     if tokenizer is None and args.init_from is None:  # from scratch: a BPE fitted to the task's own text
-        sft = SFTConfig(template=template)
-        texts = [e.prompt + e.response for f in (tokenizer_files or train_files) for e in read_examples(f, sft)[0]]
         tokenizer = Path(args.out) / "tokenizer.json"
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        if not tokenizer.is_file():
+        if not tokenizer.is_file():  # kept on --resume: the data was tokenized with it
+            sft = SFTConfig(template=template)
+            texts = [e.prompt + e.response for f in (tokenizer_files or train_files) for e in read_examples(f, sft)[0]]
+            Path(args.out).mkdir(parents=True, exist_ok=True)
             train_bpe(texts, args.vocab_size, tokenizer)
     config = _task_train_config(args)
     finetune(train_files, config, SFTConfig(mode="text" if text_mode else "response", template=template,
@@ -133,14 +133,27 @@ def _add_task_model_args(p: argparse.ArgumentParser, epochs: float, model: str, 
     p.add_argument("--no-progress", action="store_true")
 
 
+def _refuse_arm_options(args: argparse.Namespace, names: Sequence[str]) -> None:
+    """Before training an ARM for a task: the MDM-only sampler options would only fail after the training."""
+    if args.checkpoint is None and args.objective == "arm":
+        for name in names:
+            if getattr(args, name) is not None:
+                flag = "--" + name.replace("_", "-")
+                if "cfg" in name:
+                    raise SmdmError(f"classifier-free guidance needs an MDM (it masks the prompt); {flag} cannot "
+                                    "apply to --objective arm")
+                raise SmdmError(f"{flag} is an MDM sampler option; an ARM decodes one token per step")
+
+
 def cmd_task_reversal(args: argparse.Namespace) -> None:
     from smdm.tasks.report import format_table, write_results
-    from smdm.tasks.reversal import TRAIN_FILE, ReversalConfig, evaluate_reversal, settings_of, split_file
+    from smdm.tasks.reversal import SPLITS, TRAIN_FILE, ReversalConfig, evaluate_reversal, settings_of, split_file
 
     data_dir = Path(args.data_dir)
-    for split in ("p2d", "d2p", "p2d_reverse", "d2p_reverse"):
+    for split in SPLITS:
         if not split_file(data_dir, split).is_file():
             raise SmdmError(f"{split_file(data_dir, split)}: no such file; --data-dir must hold the reversal-curse data")
+    _refuse_arm_options(args, ("cfg_scale", "steps", "block_length"))  # before an hour of training, not after
     config = ReversalConfig(data_dir=str(data_dir), length=args.length, steps=args.steps,
                             block_length=args.block_length, remasking=args.remasking, cfg_scale=args.cfg_scale,
                             batch_size=args.eval_batch_size, limit=args.limit, rank=args.rank)
@@ -155,18 +168,6 @@ def cmd_task_reversal(args: argparse.Namespace) -> None:
             for split, r in results.items()]
     header = ["file", "question", "direction", "n", "accuracy %", "BLEU"]
     print(format_table(header + (["rank accuracy %", "chance %"] if args.rank else []), rows))
-
-
-def _refuse_arm_options(args: argparse.Namespace, names: Sequence[str]) -> None:
-    """Before training an ARM for a task: the MDM-only sampler options would only fail after the training."""
-    if args.checkpoint is None and args.objective == "arm":
-        for name in names:
-            if getattr(args, name) is not None:
-                flag = "--" + name.replace("_", "-")
-                if "cfg" in name:
-                    raise SmdmError(f"classifier-free guidance needs an MDM (it masks the prompt); {flag} cannot "
-                                    "apply to --objective arm")
-                raise SmdmError(f"{flag} is an MDM sampler option; an ARM decodes one token per step")
 
 
 def cmd_task_gsm8k(args: argparse.Namespace) -> None:

@@ -93,3 +93,7 @@ def test_task_reversal_bad_input(tmp_path, capsys):
     code, _, err = run_cli(capsys, "task", "reversal", "--data-dir", str(data), "--out", str(tmp_path / "m2"),
                            "--checkpoint", str(tmp_path / "m" / "run" / "checkpoint"), "--no-progress")
     assert_one_line_error(code, err, "d2p_prompts_test.jsonl:1", "completion")
+    code, _, err = run_cli(capsys, "task", "reversal", "--data-dir", str(data), "--out", str(tmp_path / "a"),
+                           "--objective", "arm", "--cfg-scale", "1", "--model", "tiny-test")
+    assert_one_line_error(code, err, "--cfg-scale", "arm")
+    assert not (tmp_path / "a" / "run").exists()  # refused before any training
