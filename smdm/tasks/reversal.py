@@ -88,11 +88,16 @@ class ReversalConfig:
     rank: int | None = None  # name answers: also rank all the file's names by likelihood for this many questions
 
 
-def read_split(data_dir: str | Path, split: str, limit: int | None = None) -> list[tuple[str, str]]:
+def read_split(data_dir: str | Path, split: str) -> list[tuple[str, str]]:
     rows, _ = read_records(split_file(data_dir, split),
                            lambda obj, where: (string_field(obj, "prompt", where), string_field(obj, "completion", where)))
-    if limit and limit < len(rows):  # spread over the file: its questions come grouped by person
-        rows = rows[::math.ceil(len(rows) / limit)][:limit]
+    return rows
+
+
+def spread(rows: list[tuple[str, str]], limit: int | None) -> list[tuple[str, str]]:
+    """At most `limit` rows evenly spaced over the file: its questions come grouped by person."""
+    if limit and limit < len(rows):
+        return rows[::math.ceil(len(rows) / limit)][:limit]
     return rows
 
 
@@ -100,11 +105,11 @@ def read_split(data_dir: str | Path, split: str, limit: int | None = None) -> li
 def answer(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], config: ReversalConfig,
            length: int) -> list[str]:
     """Greedy answers (low-confidence remasking for an MDM, KV-cache decoding for an ARM), cut at EOS."""
+    options = {} if model.causal else {"steps": config.steps or length, "remasking": config.remasking,
+                                       "cfg_scale": config.cfg_scale, "block_length": config.block_length}
     answers: list[str] = []
     for first in range(0, len(prompts), config.batch_size):
         encoded = [tokenizer.encode(p) for p in prompts[first:first + config.batch_size]]
-        options = {} if model.causal else {"steps": config.steps or length, "remasking": config.remasking,
-                                           "cfg_scale": config.cfg_scale, "block_length": config.block_length}
         result = generate(model, encoded, length, eos_id=tokenizer.eos_id, **options)
         answers += [tokenizer.decode(ids) for ids in result.completions]
     return answers
@@ -138,7 +143,8 @@ def evaluate_reversal(model: Transformer, tokenizer: Tokenizer, config: Reversal
     results: dict[str, dict] = {}
     for split in tqdm(SPLITS, desc="reversal", disable=not progress):
         question, kind, direction = SPLITS[split]
-        rows = read_split(config.data_dir, split, config.limit)
+        all_rows = read_split(config.data_dir, split)
+        rows = spread(all_rows, config.limit)
         length = config.length or max(len(tokenizer.encode(c)) for _, c in rows) + 4
         if config.block_length and not model.causal:
             length = math.ceil(length / config.block_length) * config.block_length
@@ -149,8 +155,8 @@ def evaluate_reversal(model: Transformer, tokenizer: Tokenizer, config: Reversal
         if kind == "description":
             result["bleu"] = corpus_bleu([c for _, c in rows], generations)
         if config.rank and kind == "name":  # 30 names; descriptions come in many paraphrases, so no clean ranking
-            candidates = sorted({c for _, c in read_split(config.data_dir, split)})
-            ranked = read_split(config.data_dir, split, config.rank)
+            candidates = sorted({c for _, c in all_rows})
+            ranked = spread(all_rows, config.rank)
             result["rank_accuracy"] = rank_accuracy(model, tokenizer, ranked, candidates)
             result["rank_n"], result["rank_chance"] = len(ranked), 1 / len(candidates)
         result["examples"] = [{"prompt": p, "reference": c, "generation": g}
