@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from smdm.checkpoint import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
 from smdm.config import ModelConfig, non_embedding_params
 from smdm.data.packed import PackedDataset, load_manifest
-from smdm.data.sft import SFTDataset, is_sft_data
+from smdm.data.sft import SFTDataset, read_sft_manifest
 from smdm.diffusion import (
     arm_sft_step_loss,
     arm_step_loss,
@@ -255,8 +255,9 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     out_dir = Path(config.out_dir)
     checkpoint_dir = out_dir / "checkpoint"
 
-    sft = is_sft_data(config.data_dir)
-    manifest = SFTDataset(config.data_dir).manifest if sft else load_manifest(config.data_dir)
+    manifest = read_sft_manifest(config.data_dir)
+    sft = manifest is not None
+    manifest = manifest or load_manifest(config.data_dir)
     vocab_size = int(manifest["tokenizer"]["vocab_size"])
     initial = load_checkpoint(config.init_from) if config.init_from and not config.resume else None
     if initial is not None and initial.config.vocab_size != vocab_size:

@@ -189,13 +189,19 @@ def prepare_sft(paths: Sequence[str | Path], tokenizer: Tokenizer, out_dir: str 
     return manifest
 
 
-def is_sft_data(data_dir: str | Path) -> bool:
-    """Whether a data directory was written by prepare_sft (rather than `smdm prepare`)."""
+def read_sft_manifest(data_dir: str | Path) -> dict | None:
+    """The manifest of a directory written by prepare_sft, or None for any other directory (e.g. `smdm prepare`'s)."""
     path = Path(data_dir) / MANIFEST
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("format") == SFT_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == SFT_FORMAT else None
+
+
+def is_sft_data(data_dir: str | Path) -> bool:
+    """Whether a data directory was written by prepare_sft (rather than `smdm prepare`)."""
+    return read_sft_manifest(data_dir) is not None
 
 
 class SFTDataset:
@@ -204,9 +210,10 @@ class SFTDataset:
     def __init__(self, data_dir: str | Path, split: str = "train", seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True) -> None:
         self.data_dir = Path(data_dir)
-        if not is_sft_data(self.data_dir):
+        manifest = read_sft_manifest(self.data_dir)
+        if manifest is None:
             raise SmdmError(f"{self.data_dir}: not an SFT dataset (run `smdm sft`, which prepares one)")
-        self.manifest = json.loads((self.data_dir / MANIFEST).read_text(encoding="utf-8"))
+        self.manifest = manifest
         if split not in self.manifest["splits"]:
             raise SmdmError(f"{self.data_dir}: no split {split!r}")
         self.split, self.seed, self.rank, self.world_size, self.shuffle = split, seed, rank, world_size, shuffle
