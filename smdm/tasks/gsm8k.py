@@ -33,6 +33,7 @@ from smdm.data.jsonl import read_records, string_field
 from smdm.errors import SmdmError
 from smdm.model import Transformer
 from smdm.sample import generate, make_plan
+from smdm.tasks.report import check_generation_settings
 from smdm.tokenizer import Tokenizer
 
 ANSWER_MARK = "####"
@@ -185,13 +186,8 @@ def _options(model: Transformer, config: GSM8KConfig, stage: int) -> dict:
 
 def check_settings(model: Transformer, config: GSM8KConfig, eos_id: int) -> None:
     """Every bad setting fails before the first question is generated."""
-    if model.causal and (config.cfg_scale is not None or config.answer_cfg_scale is not None):
-        raise SmdmError("classifier-free guidance needs an MDM (it masks the prompt); this checkpoint is an ARM: "
-                        "drop --cfg-scale/--answer-cfg-scale")
-    if config.batch_size < 1:
-        raise SmdmError(f"batch size must be at least 1, got {config.batch_size}")
-    if config.limit is not None and config.limit < 1:
-        raise SmdmError(f"limit must be at least 1, got {config.limit}")
+    check_generation_settings(model, config.batch_size, config.limit,
+                              {"--cfg-scale": config.cfg_scale, "--answer-cfg-scale": config.answer_cfg_scale})
     if _context_needed(model, config) >= model.config.block_size:
         raise SmdmError(f"--length {config.length}" + (f" + --answer-length {config.answer_length}" if config.two_stage
                         else "") + f" leaves no room for the question in the block size {model.config.block_size}")

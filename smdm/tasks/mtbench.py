@@ -26,6 +26,7 @@ from smdm.data.sft import chat_prompt
 from smdm.errors import SmdmError
 from smdm.model import Transformer
 from smdm.sample import generate, make_plan
+from smdm.tasks.report import check_generation_settings
 from smdm.tokenizer import Tokenizer
 
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -95,13 +96,7 @@ def check_settings(model: Transformer, config: MTBenchConfig, eos_id: int) -> No
     """Every bad setting fails before the first answer is generated."""
     if not MODEL_ID.fullmatch(config.model_id):
         raise SmdmError(f"model id {config.model_id!r} names the answer file: use letters, digits, '.', '_', '-'")
-    if model.causal and config.cfg_scale is not None:
-        raise SmdmError("classifier-free guidance needs an MDM (it masks the prompt); this checkpoint is an ARM: "
-                        "drop --cfg-scale")
-    if config.batch_size < 1:
-        raise SmdmError(f"batch size must be at least 1, got {config.batch_size}")
-    if config.limit is not None and config.limit < 1:
-        raise SmdmError(f"limit must be at least 1, got {config.limit}")
+    check_generation_settings(model, config.batch_size, config.limit, {"--cfg-scale": config.cfg_scale})
     if config.length >= model.config.block_size:
         raise SmdmError(f"--length {config.length} leaves no room for the question in the block size "
                         f"{model.config.block_size}")

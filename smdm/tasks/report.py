@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from smdm.checkpoint import Checkpoint
+from smdm.errors import SmdmError
+from smdm.model import Transformer
 
 
 def model_identity(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -37,3 +39,16 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def check_generation_settings(model: Transformer, batch_size: int, limit: int | None,
+                              cfg_flags: dict[str, float | None]) -> None:
+    """The checks every generating task shares, run before the first question: CFG only on an MDM, sane sizes."""
+    used = [flag for flag, value in cfg_flags.items() if value is not None]
+    if model.causal and used:
+        raise SmdmError("classifier-free guidance needs an MDM (it masks the prompt); this checkpoint is an ARM: "
+                        f"drop {'/'.join(used)}")
+    if batch_size < 1:
+        raise SmdmError(f"batch size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise SmdmError(f"limit must be at least 1, got {limit}")

@@ -23,6 +23,7 @@ from smdm.data.jsonl import read_records, string_field
 from smdm.errors import SmdmError
 from smdm.model import Transformer
 from smdm.sample import generate
+from smdm.tasks.report import check_generation_settings
 from smdm.tokenizer import Tokenizer
 
 TRAIN_FILE = "all_prompts_train.jsonl"
@@ -138,8 +139,7 @@ def rank_accuracy(model: Transformer, tokenizer: Tokenizer, rows: Sequence[tuple
 def evaluate_reversal(model: Transformer, tokenizer: Tokenizer, config: ReversalConfig,
                       progress: bool = True) -> dict[str, dict]:
     """Accuracy (and BLEU for description answers) on each of the four test files, with a few examples."""
-    if config.cfg_scale and model.causal:
-        raise SmdmError("classifier-free guidance needs an MDM; an ARM has no [MASK] to hide the prompt with")
+    check_generation_settings(model, config.batch_size, config.limit, {"--cfg-scale": config.cfg_scale})
     results: dict[str, dict] = {}
     for split in tqdm(SPLITS, desc="reversal", disable=not progress):
         question, kind, direction = SPLITS[split]
