@@ -133,6 +133,23 @@ def _add_task_model_args(p: argparse.ArgumentParser, epochs: float, model: str, 
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, all cores); "
+                                               "1 is fastest for small models on a busy machine")
+
+
+def _apply_threads(args: argparse.Namespace) -> None:
+    """One place for --threads: every command that runs a model honours it, not only the training loop."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise SmdmError(f"--threads must be at least 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _refuse_arm_options(args: argparse.Namespace, names: Sequence[str]) -> None:
     """Before training an ARM for a task: the MDM-only sampler options would only fail after the training."""
     if args.checkpoint is None and args.objective == "arm":
@@ -625,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--no-progress", action="store_true")
+    _add_threads_arg(t)
     t.set_defaults(func=cmd_task_mtbench)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint (MDM samplers or ARM decoding)")
@@ -654,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-steps", action="store_true", help="print the sequence after every step (stderr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    _add_threads_arg(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("likelihood", help="NLL of a text (MDM: Monte-Carlo ELBO bound; ARM: exact)")
@@ -667,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    _add_threads_arg(p)
     p.set_defaults(func=cmd_likelihood)
 
     p = sub.add_parser("perplexity", help="score corpora (e.g. text from different years) with MDMs and ARMs")
@@ -678,6 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mc-samples", type=int, default=64, help="MDM draws per block")
     p.add_argument("--tokenizer")
     p.add_argument("--device", default="auto")
+    _add_threads_arg(p)
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("eval", help="lm-evaluation-harness on a checkpoint; offline tasks smdm_* read --data-dir")
@@ -686,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="directory of the task jsonl files (default: $SMDM_EVAL_DATA)")
     p.add_argument("--limit", type=float, help="items per task (a fraction if below 1)")
     p.add_argument("--out", help="write lm-eval's results as JSON here")
+    _add_threads_arg(p)
     p.set_defaults(func=cmd_eval)
     evsub = p.add_subparsers(dest="eval_command")
     c = evsub.add_parser("convert", help="write the jsonl files the smdm_* tasks read")
@@ -749,6 +771,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `smdm` console script."""
     args = build_parser().parse_args(argv)
     try:
+        _apply_threads(args)
         args.func(args)
     except SmdmError as error:
         print(f"smdm: error: {error}", file=sys.stderr)

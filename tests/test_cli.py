@@ -93,6 +93,20 @@ def test_conditional_likelihood(capsys, trained_checkpoint):
     assert_one_line_error(code, err, "empty")
 
 
+def test_threads_option_on_inference_commands(capsys, trained_checkpoint):
+    """--threads reaches torch for sampling too (not only the training loop); a bad value is a one-line error."""
+    import torch
+
+    torch.set_num_threads(2)
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(trained_checkpoint), "--length", "4", "--threads", "1")
+    assert code == 0, err
+    assert torch.get_num_threads() == 1
+    for command in (["sample", "--checkpoint", str(trained_checkpoint)],
+                    ["likelihood", "--checkpoint", str(trained_checkpoint), "--text", "the"]):
+        code, _, err = run_cli(capsys, *command, "--threads", "0")
+        assert_one_line_error(code, err, "--threads")
+
+
 def test_tokenizer_vocab_disagrees_with_checkpoint(capsys, tmp_path, trained_checkpoint):
     from smdm.tokenizer import train_bpe
 
