@@ -175,14 +175,32 @@ def score(model: Transformer, prefix: list[int], target: list[int], method: str 
     raise SmdmError(f"unknown likelihood method {method!r}; use mc or chain")
 
 
+class _WrongReveal(Exception):
+    """Raised inside greedy decoding as soon as a revealed token differs from the target."""
+
+
 def is_greedy_continuation(model: Transformer, prefix: list[int], target: list[int]) -> bool:
     """Would greedy decoding produce exactly the target after the prefix? (LAMBADA-style accuracy.)
 
     MDM: low-confidence remasking with one token revealed per step; ARM: greedy decoding with the KV cache.
+    Revealed tokens are final, so decoding stops at the first wrong one: for a wrong multiple-choice answer that
+    is usually one model pass instead of one per target token.
     """
     from smdm.sample import generate
 
     _check_pair(model, prefix, target)
+    expected = torch.tensor(target)
+    mask_id = getattr(model, "mask_id", None)
+
+    def check(step: int, tokens: torch.Tensor) -> None:
+        generated = tokens[0, len(prefix):].cpu()
+        shown = generated != mask_id if not model.causal else torch.ones_like(generated, dtype=torch.bool)
+        if (generated[shown] != expected[: generated.numel()][shown]).any():
+            raise _WrongReveal
+
     steps = None if model.causal else len(target)
-    result = generate(model, [prefix], len(target), steps=steps, temperature=0.0)
+    try:
+        result = generate(model, [prefix], len(target), steps=steps, temperature=0.0, on_step=check)
+    except _WrongReveal:
+        return False
     return result.completions[0] == target

@@ -120,6 +120,33 @@ def test_greedy_continuation_check(mdm, arm):
     assert not is_greedy_continuation(mdm, PREFIX, [(one + 1) % VOCAB])
 
 
+@torch.no_grad()
+def test_greedy_check_stops_at_the_first_wrong_reveal(mdm, arm):
+    """Same verdict as comparing a full greedy decoding, for the greedy target and each one-token change of it;
+    a target whose first revealed token is wrong costs one model pass, not one per token."""
+    from smdm.sample import generate
+
+    for model in (mdm, arm):
+        full = generate(model, [PREFIX], 4, steps=None if model.causal else 4).completions[0]
+        calls = []
+        hook = model.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            assert is_greedy_continuation(model, PREFIX, full)
+            assert len(calls) == 4  # one pass per token
+            for position in range(4):
+                changed = list(full)
+                changed[position] = (changed[position] + 1) % VOCAB
+                calls.clear()
+                assert not is_greedy_continuation(model, PREFIX, changed)
+                assert len(calls) <= (4 if not model.causal else position + 1)
+            wrong_everywhere = [(t + 1) % VOCAB for t in full]
+            calls.clear()
+            assert not is_greedy_continuation(model, PREFIX, wrong_everywhere)
+            assert len(calls) == 1
+        finally:
+            hook.remove()
+
+
 def test_bad_input(mdm, arm):
     with pytest.raises(SmdmError, match="empty"):
         mc_score(mdm, PREFIX, [])
