@@ -53,7 +53,8 @@ def prepare_data(work: Path) -> Path:
     return tokens
 
 
-def train_pair(data: Path, work: Path, threads: int | None, max_steps: int) -> tuple[Path, Path]:
+def train_pair(data: Path, work: Path, threads: int | None, max_steps: int, model: str = "tiny-1m",
+               batch_size: int = 16, lr: float = 3e-3, seq_len: int = 256) -> tuple[Path, Path]:
     """An MDM and an ARM of the same size trained identically on the same data (resumed/reused when done)."""
     runs = {}
     for objective in ("mdm", "arm"):
@@ -62,8 +63,8 @@ def train_pair(data: Path, work: Path, threads: int | None, max_steps: int) -> t
         if not summary.exists():
             print(f"training the {objective.upper()} -> {out}", flush=True)
             train(TrainConfig(
-                data_dir=str(data), out_dir=str(out), model="tiny-1m", objective=objective, seq_len=256,
-                batch_size=16, max_steps=max_steps, lr=3e-3, low_discrepancy=objective == "mdm", eval_every=150,
+                data_dir=str(data), out_dir=str(out), model=model, objective=objective, seq_len=seq_len,
+                batch_size=batch_size, max_steps=max_steps, lr=lr, low_discrepancy=objective == "mdm", eval_every=150,
                 save_every=150, eval_blocks=64, threads=threads, resume=True, progress=False,
             ))
         runs[objective] = out
@@ -189,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=900)
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--model", default="tiny-1m", help="config of both models (the demo recipe: tiny-1m)")
+    parser.add_argument("--batch-size", type=int, default=16, help="training sequences of 256 tokens per step")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seq-len", type=int, default=256, help="training sequence length (>= --length)")
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--samples", type=int, default=8, help="sequences per method, generated as one batch")
     parser.add_argument("--temperature", type=float, default=1.0, help="1.0: the models' own distributions")
@@ -205,12 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     data = prepare_data(work)
-    mdm_dir, arm_dir = train_pair(data, work, args.threads, args.train_steps)
+    mdm_dir, arm_dir = train_pair(data, work, args.threads, args.train_steps, args.model, args.batch_size,
+                                args.lr, args.seq_len)
     if args.train_only:
         return
     mdm, arm = load_checkpoint(mdm_dir, args.device).model, load_checkpoint(arm_dir, args.device).model
     eos = int(json.loads((data / "manifest.json").read_text())["tokenizer"]["eos_id"])
-    print(f"tiny-1m MDM vs ARM, {args.samples} samples x {args.length} tokens, temperature {args.temperature}, "
+    print(f"{args.model} MDM vs ARM, {args.samples} samples x {args.length} tokens, temperature {args.temperature}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
     generate(mdm, [[]], 8, steps=2)  # warm-up: first-call allocations are not sampling cost
     rows = run_benchmark(mdm, arm, eos, args) + [reference_row(arm, data, eos, args)]
