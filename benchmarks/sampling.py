@@ -184,6 +184,44 @@ def markdown(rows: list[dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: Path, title: str, baseline: str | None = None) -> None:
+    """Speed against quality, one point per method: the trade-off the table states, at a glance.
+
+    With a baseline, the shaded box is the fast-sampling target: at least 5x its tokens/s, gen. ppl within 10%.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for number, r in enumerate(rows, 1):
+        if "seconds" not in r:
+            ax.axhline(r["gen_ppl"], color="grey", linestyle=":", label=r["method"])
+            continue
+        marker, color = ("s", "tab:red") if r["method"].startswith("ARM") else ("o", "tab:blue")
+        ax.errorbar(r["tokens_per_s"], r["gen_ppl"], yerr=[[r["gen_ppl"] - r["gen_ppl_low"]],
+                    [r["gen_ppl_high"] - r["gen_ppl"]]], fmt=marker, color=color, capsize=2,
+                    label=f"{number}: {r['method']}")
+        ax.annotate(str(number), (r["tokens_per_s"], r["gen_ppl"]), fontsize=8, xytext=(4, 3),
+                    textcoords="offset points")
+    base = next((r for r in rows if r["method"] == baseline), None)
+    if base is not None:
+        right = 2 * max(r.get("tokens_per_s", 0) for r in rows)
+        low = 0.5 * min(r["gen_ppl_low"] for r in rows)
+        ax.fill_between([5 * base["tokens_per_s"], right], low, 1.1 * base["gen_ppl"], color="tab:green",
+                        alpha=0.12, label="target: >= 5x MDM-L speed, gen. ppl within 10%")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens/s (higher is faster)")
+    ax.set_ylabel("generative perplexity under the ARM (lower is better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="runs/bench-sampling")
@@ -204,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--plot", help="also draw speed against quality into this PNG")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -220,11 +259,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} thread(s)", flush=True)
     generate(mdm, [[]], 8, steps=2)  # warm-up: first-call allocations are not sampling cost
     rows = run_benchmark(mdm, arm, eos, args) + [reference_row(arm, data, eos, args)]
-    table = markdown(rows, f"MDM low-confidence, {args.length} steps")
+    baseline = f"MDM low-confidence, {args.length} steps"
+    table = markdown(rows, baseline)
     command = "python benchmarks/sampling.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     print(f"\n    {command}\n\n{platform.processor() or platform.machine()}, torch {torch.__version__}\n\n{table}")
     if args.json:
         Path(args.json).write_text(json.dumps({"command": command, "rows": rows}, indent=2))
+    if args.plot:
+        plot(rows, Path(args.plot), f"{args.model} MDM and ARM, {args.samples} samples x {args.length} tokens, "
+                                    f"{args.train_steps} training steps", baseline)
 
 
 if __name__ == "__main__":
