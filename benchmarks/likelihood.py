@@ -23,10 +23,10 @@ from smdm.data.packed import PackedDataset
 from smdm.likelihood import mc_score
 
 ESTIMATORS = {
-    "reference: Bernoulli, 1/p, low-discrepancy t": dict(estimator="bernoulli", low_discrepancy=True),
-    "Bernoulli, 1/p, i.i.d. t": dict(estimator="bernoulli", low_discrepancy=False),
-    "ours: exact count k, L/k, stratified k": dict(estimator="count", low_discrepancy=True),
-    "exact count k, L/k, i.i.d. k": dict(estimator="count", low_discrepancy=False),
+    "reference: Bernoulli, 1/p, low-discrepancy t": {"estimator": "bernoulli", "low_discrepancy": True},
+    "Bernoulli, 1/p, i.i.d. t": {"estimator": "bernoulli", "low_discrepancy": False},
+    "ours: exact count k, L/k, stratified k": {"estimator": "count", "low_discrepancy": True},
+    "exact count k, L/k, i.i.d. k": {"estimator": "count", "low_discrepancy": False},
 }
 
 

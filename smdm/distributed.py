@@ -34,7 +34,7 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 -- an immutable value, built once
 
     @property
     def is_main(self) -> bool:
@@ -52,7 +52,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo(device=torch.device(device))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     on_gpu = device.startswith("cuda")
     if on_gpu:
         torch.cuda.set_device(local_rank)
@@ -73,10 +73,9 @@ def resolve_strategy(strategy: Strategy, info: DistInfo) -> str:
     """'auto' means DDP when there are several processes, nothing otherwise."""
     if strategy == "auto":
         return "ddp" if info.distributed else "none"
-    if strategy in ("ddp", "fsdp") and not dist.is_initialized():
-        # A one-process group lets the same code path (and its tests) run without torchrun.
-        if info.distributed:
-            raise SmdmError("distributed strategy requested but no process group is initialised")
+    # A one-process group lets the same code path (and its tests) run without torchrun.
+    if strategy in ("ddp", "fsdp") and not dist.is_initialized() and info.distributed:
+        raise SmdmError("distributed strategy requested but no process group is initialised")
     if strategy not in ("none", "ddp", "fsdp"):
         raise SmdmError(f"unknown parallel strategy {strategy!r}; use auto, none, ddp or fsdp")
     return strategy

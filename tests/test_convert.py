@@ -70,7 +70,7 @@ def ref_forward(sd: dict[str, torch.Tensor], cfg: ModelConfig, idx: torch.Tensor
     Computed in float64 and returned as float32, so the comparison measures only our model's float32 rounding.
     """
     sd = {k: v.double() for k, v in sd.items()}
-    B, T = idx.shape
+    T = idx.shape[1]
     hs, groups = cfg.head_size, cfg.n_query_groups
     q_per_kv = cfg.n_head // groups
     x = sd["transformer.wte.weight"][idx]

@@ -24,7 +24,7 @@ def test_uniform_logits_give_log_v_in_expectation():
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (4096, 64), generator=generator)
     mask_prob = mask_probability(sample_times(tokens.size(0), generator, low_discrepancy=True))
-    noisy, masked = forward_process(tokens, mask_prob, VOCAB, generator)
+    _, masked = forward_process(tokens, mask_prob, VOCAB, generator)
     loss = mdm_loss(torch.zeros(*tokens.shape, VOCAB), tokens, masked, mask_prob)
     assert abs(loss.item() - math.log(VOCAB)) < 0.03 * math.log(VOCAB)
 

@@ -39,8 +39,8 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4, msg=name)
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
 @pytest.fixture(scope="module")

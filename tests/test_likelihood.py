@@ -11,7 +11,12 @@ import torch
 from smdm.config import ModelConfig
 from smdm.errors import SmdmError
 from smdm.likelihood import (
-    arm_score, chain_rule_score, guided_logits, is_greedy_continuation, mc_score, score,
+    arm_score,
+    chain_rule_score,
+    guided_logits,
+    is_greedy_continuation,
+    mc_score,
+    score,
 )
 from smdm.model import Transformer
 
@@ -128,8 +133,8 @@ def test_greedy_check_stops_at_the_first_wrong_reveal(mdm, arm):
 
     for model in (mdm, arm):
         full = generate(model, [PREFIX], 4, steps=None if model.causal else 4).completions[0]
-        calls = []
-        hook = model.register_forward_hook(lambda *_: calls.append(1))
+        calls: list[int] = []
+        hook = model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         try:
             assert is_greedy_continuation(model, PREFIX, full)
             assert len(calls) == 4  # one pass per token

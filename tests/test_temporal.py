@@ -6,8 +6,8 @@ import json
 import math
 
 import pytest
-
 from conftest import TOY_TEXT, assert_one_line_error, run_cli
+
 from smdm.errors import SmdmError
 from smdm.tasks.temporal import parse_corpus_spec
 
@@ -34,7 +34,7 @@ def test_corpus_spec():
 
 
 def test_models_score_familiar_text_better_and_report_is_written(capsys, runs):
-    code, out, err = run_cli(capsys, "perplexity", "--checkpoint", str(runs / "mdm"), "--checkpoint",
+    code, _, err = run_cli(capsys, "perplexity", "--checkpoint", str(runs / "mdm"), "--checkpoint",
                              str(runs / "arm"), "--corpus", f"early={runs / 'early.txt'}", "--corpus",
                              f"late={runs / 'late.txt'}", "--out", str(runs / "report"), "--seq-len", "16",
                              "--max-blocks", "4", "--mc-samples", "8")

@@ -137,7 +137,7 @@ class _ShardWriter:
         if self._fh is not None:
             self._fh.close()
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        self._fh = open(self.out_dir / name, "wb")
+        self._fh = open(self.out_dir / name, "wb")  # noqa: SIM115 -- kept open across write() calls, closed in close()
         self.shards.append({"file": name, "tokens": 0})
         self._in_shard = 0
 
