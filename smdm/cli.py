@@ -71,7 +71,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
     sft_config = SFTConfig(template=args.template, mode=args.mode, prompt_field=args.prompt_field,
                            response_field=args.response_field, val_fraction=args.val_fraction,
-                           skip_bad_lines=args.skip_bad_lines, bos=args.bos, seed=args.seed)
+                           skip_bad_lines=args.skip_bad_lines, bos=args.bos, seed=args.seed, padding=args.padding)
     config = _train_config(args, "")
     sft_config.seq_len, config.seq_len = config.seq_len, None
     summary = finetune(args.data, config, sft_config, tokenizer=args.tokenizer)
@@ -111,7 +111,7 @@ def _task_model(args: argparse.Namespace, train_files: list[Path], text_mode: bo
             train_bpe(texts, args.vocab_size, tokenizer)
     config = _task_train_config(args)
     finetune(train_files, config, SFTConfig(mode="text" if text_mode else "response", template=template,
-                                            seed=args.seed), tokenizer=tokenizer)
+                                            seed=args.seed, padding=args.padding), tokenizer=tokenizer)
     return _load_for_inference(str(Path(config.out_dir) / "checkpoint"), None, args.device)
 
 
@@ -125,12 +125,19 @@ def _add_task_model_args(p: argparse.ArgumentParser, epochs: float, model: str, 
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--vocab-size", type=int, default=1024, help="BPE size when training from scratch")
+    _add_padding_arg(p)
     p.add_argument("--tokenizer")
     p.add_argument("--resume", action="store_true", help="continue an interrupted training run in OUT/run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _add_padding_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--padding", choices=["longest", "batch"], default="longest",
+                   help="longest: every row padded with EOS to the longest example; batch: each batch only to its "
+                        "own longest (LLaDA's choice; less compute, fewer EOS targets)")
 
 
 def _add_threads_arg(p: argparse.ArgumentParser) -> None:
@@ -582,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines instead of failing")
     p.add_argument("--bos", action="store_true", help="prepend BOS to every prompt")
+    _add_padding_arg(p)
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("task", help="the paper's conditional tasks: reversal curse, GSM8K, MT-Bench")

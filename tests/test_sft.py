@@ -172,6 +172,30 @@ def test_sft_dataset_resumes_at_the_same_rows(tokenizer, tmp_path):
         assert torch.equal(ta, tb) and torch.equal(la, lb)
 
 
+def test_batch_padding_trims_each_batch_to_its_longest_example(tokenizer, tmp_path):
+    """Same rows in the same order as full-width padding, cut after the batch's longest example: only columns of
+    EOS padding go, and the stored full width stays for validation."""
+    data = tmp_path / "train.jsonl"
+    _write(data, [{"prompt": f"what is {i}?", "completion": " two." if i % 4 else " one plus one is two, paris."}
+                  for i in range(12)])
+    prepare_sft([data], tokenizer, tmp_path / "longest", SFTConfig())
+    prepare_sft([data], tokenizer, tmp_path / "batch", SFTConfig(padding="batch"))
+    full, trimmed = SFTDataset(tmp_path / "longest", seed=2), SFTDataset(tmp_path / "batch", seed=2)
+    widths = set()
+    for _ in range(9):  # three epochs of batches of 4
+        (a, la), (b, lb) = full.next_batch(4), trimmed.next_batch(4)
+        width = b.size(1)
+        widths.add(width)
+        assert torch.equal(la, lb) and torch.equal(a[:, :width], b)
+        assert a[:, width:].eq(tokenizer.eos_id).all()  # only padding was cut
+        ends = [max(i for i, t in enumerate(row.tolist()) if t != tokenizer.eos_id) + 2 for row in b]
+        assert width == max(ends)  # the longest example keeps exactly its own EOS
+    assert min(widths) < full.seq_len  # batches without the long example really are shorter
+    assert trimmed.rows()[0].size(1) == full.seq_len
+    with pytest.raises(SmdmError, match="padding"):
+        prepare_sft([data], tokenizer, tmp_path / "bad", SFTConfig(padding="shortest"))  # type: ignore[arg-type]
+
+
 def _pairs(path) -> None:
     _write(path, [{"prompt": f"what is {w} plus {w}?", "completion": f" {w} and {w}."}
                   for w in ("one", "two", "four", "paris", "france", "capital")] * 4)
@@ -186,7 +210,8 @@ def test_smdm_sft_learns_the_responses(tokenizer, tmp_path, capsys, objective):
                                 "--out", str(out), "--model", "tiny-test", "--objective", objective,
                                 "--epochs", "30", "--batch-size", "8", "--lr", "3e-3", "--eval-every", "1000",
                                 "--log-every", "1", "--val-fraction", "0", "--threads", "1", "--no-progress",
-                                *(["--prompt-dropout", "0.1"] if objective == "mdm" else []))
+                                *(["--prompt-dropout", "0.1"] if objective == "mdm" else []),
+                                *(["--padding", "batch"] if objective == "arm" else []))
     assert code == 0, err
     summary = json.loads(stdout)
     assert summary["steps"] == math.ceil(30 * 24 / 8)

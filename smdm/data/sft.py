@@ -5,6 +5,10 @@ and learn to end the response: the EOS padding belongs to the response, as in LL
 said all it wants predicts EOS for every remaining position and variable-length answers fall out of fixed-length
 generation. `mode="text"` instead keeps the whole prompt+response as one text with loss everywhere — the paper's
 recipe for the reversal curse, where the model must learn both directions of every fact.
+
+Rows are stored padded to the longest example. `padding="batch"` (LLaDA's choice) trims each training batch to its
+own longest example instead, which skips the columns of EOS that no row in the batch needs: less compute for the
+same examples, and fewer EOS targets per row.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ class SFTConfig:
     seed: int = 0
     bos: bool = False  # prepend the tokenizer's BOS to every prompt
     skip_bad_lines: bool = False  # malformed lines: skip and count (True) or fail with file:line (False)
+    padding: Literal["longest", "batch"] = "longest"  # training batches: every row at full width, or trimmed
+
+
+PADDINGS = ("longest", "batch")
 
 
 @dataclass
@@ -125,6 +133,8 @@ def prepare_sft(paths: Sequence[str | Path], tokenizer: Tokenizer, out_dir: str 
                 config: SFTConfig | None = None) -> dict:
     """Tokenize jsonl examples into train/val rows (tokens.npy, prompt_lengths.npy) and a manifest, atomically."""
     config = config or SFTConfig()
+    if config.padding not in PADDINGS:
+        raise SmdmError(f"unknown padding {config.padding!r}; use longest or batch")
     if not 0.0 <= config.val_fraction < 1.0:
         raise SmdmError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
     if not paths:
@@ -159,12 +169,14 @@ def prepare_sft(paths: Sequence[str | Path], tokenizer: Tokenizer, out_dir: str 
         for split, index in splits.items():
             rows = np.full((len(index), seq_len), tokenizer.eos_id, dtype=dtype)
             prompt_lengths = np.zeros(len(index), dtype=np.int64)
+            lengths = np.zeros(len(index), dtype=np.int64)
             for row, i in enumerate(index):
                 ids, n = kept[int(i)]
                 rows[row, :len(ids)] = ids
-                prompt_lengths[row] = n
+                prompt_lengths[row], lengths[row] = n, len(ids)
             np.save(tmp / f"{split}-tokens.npy", rows)
             np.save(tmp / f"{split}-prompt_lengths.npy", prompt_lengths)
+            np.save(tmp / f"{split}-lengths.npy", lengths)
             manifest_splits[split] = {"examples": len(index)}
         manifest = {
             "format": SFT_FORMAT,
@@ -221,6 +233,9 @@ class SFTDataset:
         self.tokens = np.load(self.data_dir / f"{split}-tokens.npy", mmap_mode="r")
         self.prompt_lengths = np.load(self.data_dir / f"{split}-prompt_lengths.npy")
         self.n_rows = len(self.prompt_lengths)
+        lengths = self.data_dir / f"{split}-lengths.npy"  # absent in data prepared before batch padding existed
+        trim = self.manifest.get("config", {}).get("padding", "longest") == "batch" and lengths.is_file()
+        self.lengths = np.load(lengths) if trim else None
         self.epoch, self.position = 0, 0
         self._orders: dict[int, np.ndarray] = {}
 
@@ -239,14 +254,18 @@ class SFTDataset:
         return int(self._orders[epoch][index])
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (tokens (B, seq_len), prompt lengths (B,)) of the next batch_size*world_size rows."""
+        """This rank's (tokens (B, width), prompt lengths (B,)) of the next batch_size*world_size rows.
+
+        width is seq_len, or with batch padding the longest example among these rows (EOS included).
+        """
         if self.n_rows == 0:
             raise SmdmError(f"{self.data_dir}: split {self.split!r} is empty")
         rows = [self._row_at(self.rank * batch_size + k) for k in range(batch_size)]
         advanced = self.position + batch_size * self.world_size
         self.epoch += advanced // self.n_rows
         self.position = advanced % self.n_rows
-        return (torch.from_numpy(np.asarray(self.tokens[rows], dtype=np.int64)),
+        width = self.seq_len if self.lengths is None else int(self.lengths[rows].max())
+        return (torch.from_numpy(np.asarray(self.tokens[rows, :width], dtype=np.int64)),
                 torch.from_numpy(self.prompt_lengths[rows].astype(np.int64)))
 
     def rows(self, max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
