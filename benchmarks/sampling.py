@@ -101,11 +101,15 @@ def methods(length: int, temperature: float, thresholds: list[float], block: int
 
 
 @torch.no_grad()
-def arm_nll(scorer: Transformer, samples: torch.Tensor, bos: int) -> torch.Tensor:
-    """Per-token NLL (nats) of each sample under the ARM, given a leading EOS (a document boundary)."""
-    samples = samples.to(scorer.lm_head.weight.device)
-    inputs = torch.cat([torch.full_like(samples[:, :1], bos), samples[:, :-1]], dim=1)
-    logits = scorer(inputs).float()
+def arm_nll(scorer: Transformer, samples: torch.Tensor, bos: int, prompts: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token NLL (nats) of each sample under the ARM, given a leading EOS (a document boundary) and the prompt."""
+    device = scorer.lm_head.weight.device
+    samples = samples.to(device)
+    context = torch.full_like(samples[:, :1], bos)
+    if prompts is not None:
+        context = torch.cat([context, prompts.to(device)], dim=1)
+    inputs = torch.cat([context, samples[:, :-1]], dim=1)
+    logits = scorer(inputs).float()[:, context.size(1) - 1:]
     return torch.nn.functional.cross_entropy(logits.transpose(1, 2), samples, reduction="none")
 
 
@@ -116,10 +120,11 @@ def unigram_entropy(sample: list[int]) -> float:
     return -sum(c / total * math.log(c / total) for c in counts.values())
 
 
-def quality(scorer: Transformer, samples: torch.Tensor, bos: int) -> dict[str, float]:
-    """Generative perplexity under the ARM (all sample tokens; 95% interval over samples) and the mean unigram
-    entropy per sample."""
-    per_sample = arm_nll(scorer, samples, bos).mean(dim=1).double()
+def quality(scorer: Transformer, samples: torch.Tensor, bos: int,
+            prompts: torch.Tensor | None = None) -> dict[str, float]:
+    """Generative perplexity under the ARM (all sample tokens, given the prompt; 95% interval over samples) and the
+    mean unigram entropy per sample."""
+    per_sample = arm_nll(scorer, samples, bos, prompts).mean(dim=1).double()
     mean = float(per_sample.mean())
     half_width = 1.96 * float(per_sample.std()) / math.sqrt(len(per_sample)) if len(per_sample) > 1 else 0.0
     entropy = sum(unigram_entropy(s) for s in samples.tolist()) / samples.size(0)
@@ -140,12 +145,19 @@ def timed(run: Callable[[], object], repeats: int, device: torch.device) -> tupl
     return first, best
 
 
-def run_benchmark(mdm: Transformer, arm: Transformer, eos: int, args: argparse.Namespace) -> list[dict]:
-    """Generate args.samples sequences per method in one batch; time them; score them."""
+def run_benchmark(mdm: Transformer, arm: Transformer, eos: int, args: argparse.Namespace,
+                  given: torch.Tensor | None = None) -> list[dict]:
+    """Generate args.samples sequences per method in one batch; time them; score them.
+
+    Unconditional by default (the ARM starts from EOS); with `given` (B, P) real text, both continue it.
+    """
     rows = []
     for method in methods(args.length, args.temperature, args.thresholds, args.block_length):
         model = arm if method.arm else mdm
-        prompts = [[eos]] * args.samples if method.arm else [[]] * args.samples
+        if given is not None:
+            prompts = given.tolist()
+        else:
+            prompts = [[eos]] * args.samples if method.arm else [[]] * args.samples
 
         def run(method: Method = method, model: Transformer = model, prompts: list = prompts):
             return generate(model, prompts, args.length, generator=torch.Generator().manual_seed(args.seed),
@@ -153,7 +165,7 @@ def run_benchmark(mdm: Transformer, arm: Transformer, eos: int, args: argparse.N
 
         result, seconds = timed(run, args.repeats, mdm.lm_head.weight.device)
         samples = result.tokens[:, result.width:]
-        scores = quality(arm, samples, eos)
+        scores = quality(arm, samples, eos, given)
         rows.append({"method": method.name, "forward_passes": result.forward_passes, "seconds": seconds,
                      "tokens_per_s": samples.numel() / seconds, **scores})
         print(f"  {method.name:<45} {result.forward_passes:4d} passes {seconds:7.2f} s  "
@@ -161,12 +173,18 @@ def run_benchmark(mdm: Transformer, arm: Transformer, eos: int, args: argparse.N
     return rows
 
 
-def reference_row(arm: Transformer, data: Path, eos: int, args: argparse.Namespace) -> dict:
-    """The same quality figures for held-out text: what real 256-token windows score."""
+def held_out(data: Path, args: argparse.Namespace) -> torch.Tensor:
+    """args.samples validation windows of prompt + length tokens: the prompts, and the reference text."""
     from smdm.data.packed import PackedDataset
 
-    blocks = PackedDataset(data, "val", seq_len=args.length, shuffle=False).blocks(args.samples).long()
-    return {"method": "held-out text (reference)", **quality(arm, blocks, eos)}
+    return PackedDataset(data, "val", seq_len=args.prompt_tokens + args.length, shuffle=False).blocks(
+        args.samples).long()
+
+
+def reference_row(arm: Transformer, windows: torch.Tensor, eos: int, args: argparse.Namespace) -> dict:
+    """The same quality figures for held-out text: what the real continuations score."""
+    given = windows[:, :args.prompt_tokens] if args.prompt_tokens else None
+    return {"method": "held-out text (reference)", **quality(arm, windows[:, args.prompt_tokens:], eos, given)}
 
 
 def markdown(rows: list[dict], baseline: str) -> str:
@@ -233,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seq-len", type=int, default=256, help="training sequence length (>= --length)")
     parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=0,
+                        help="continue this many tokens of held-out text (default 0: unconditional samples)")
     parser.add_argument("--samples", type=int, default=8, help="sequences per method, generated as one batch")
     parser.add_argument("--temperature", type=float, default=1.0, help="1.0: the models' own distributions")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.05],
@@ -255,10 +275,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     mdm, arm = load_checkpoint(mdm_dir, args.device).model, load_checkpoint(arm_dir, args.device).model
     eos = int(json.loads((data / "manifest.json").read_text())["tokenizer"]["eos_id"])
-    print(f"{args.model} MDM vs ARM, {args.samples} samples x {args.length} tokens, temperature {args.temperature}, "
+    setting = f"after {args.prompt_tokens}-token prompts" if args.prompt_tokens else "unconditional"
+    print(f"{args.model} MDM vs ARM, {args.samples} samples x {args.length} tokens ({setting}), "
+          f"temperature {args.temperature}, "
           f"{torch.get_num_threads()} thread(s)", flush=True)
     generate(mdm, [[]], 8, steps=2)  # warm-up: first-call allocations are not sampling cost
-    rows = run_benchmark(mdm, arm, eos, args) + [reference_row(arm, data, eos, args)]
+    windows = held_out(data, args)
+    given = windows[:, :args.prompt_tokens] if args.prompt_tokens else None
+    rows = run_benchmark(mdm, arm, eos, args, given) + [reference_row(arm, windows, eos, args)]
     baseline = f"MDM low-confidence, {args.length} steps"
     table = markdown(rows, baseline)
     command = "python benchmarks/sampling.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
@@ -266,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"command": command, "rows": rows}, indent=2))
     if args.plot:
-        plot(rows, Path(args.plot), f"{args.model} MDM and ARM, {args.samples} samples x {args.length} tokens, "
+        plot(rows, Path(args.plot), f"{args.model} MDM and ARM, {args.samples} samples x {args.length} tokens "
+                                    f"({setting}), "
                                     f"{args.train_steps} training steps", baseline)
 
 
