@@ -135,7 +135,9 @@ def _add_task_model_args(p: argparse.ArgumentParser, epochs: float, model: str, 
 
 
 def _add_padding_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--padding", choices=["longest", "batch"], default="longest",
+    from smdm.data.sft import PADDINGS
+
+    p.add_argument("--padding", choices=PADDINGS, default="longest",
                    help="longest: every row padded with EOS to the longest example; batch: each batch only to its "
                         "own longest (LLaDA's choice; less compute, fewer EOS targets)")
 
