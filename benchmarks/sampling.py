@@ -181,10 +181,10 @@ def held_out(data: Path, args: argparse.Namespace) -> torch.Tensor:
         args.samples).long()
 
 
-def reference_row(arm: Transformer, windows: torch.Tensor, eos: int, args: argparse.Namespace) -> dict:
-    """The same quality figures for held-out text: what the real continuations score."""
-    given = windows[:, :args.prompt_tokens] if args.prompt_tokens else None
-    return {"method": "held-out text (reference)", **quality(arm, windows[:, args.prompt_tokens:], eos, given)}
+def reference_row(arm: Transformer, windows: torch.Tensor, given: torch.Tensor | None, eos: int) -> dict:
+    """The same quality figures for held-out text: what the real continuations (after the prompts) score."""
+    prompt_tokens = 0 if given is None else given.size(1)
+    return {"method": "held-out text (reference)", **quality(arm, windows[:, prompt_tokens:], eos, given)}
 
 
 def markdown(rows: list[dict], baseline: str) -> str:
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-steps", type=int, default=900)
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--model", default="tiny-1m", help="config of both models (the demo recipe: tiny-1m)")
-    parser.add_argument("--batch-size", type=int, default=16, help="training sequences of 256 tokens per step")
+    parser.add_argument("--batch-size", type=int, default=16, help="training sequences (of --seq-len tokens) per step")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seq-len", type=int, default=256, help="training sequence length (>= --length)")
     parser.add_argument("--length", type=int, default=256)
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     generate(mdm, [[]], 8, steps=2)  # warm-up: first-call allocations are not sampling cost
     windows = held_out(data, args)
     given = windows[:, :args.prompt_tokens] if args.prompt_tokens else None
-    rows = run_benchmark(mdm, arm, eos, args, given) + [reference_row(arm, windows, eos, args)]
+    rows = run_benchmark(mdm, arm, eos, args, given) + [reference_row(arm, windows, given, eos)]
     baseline = f"MDM low-confidence, {args.length} steps"
     table = markdown(rows, baseline)
     command = "python benchmarks/sampling.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
