@@ -166,3 +166,19 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
             raise SmdmError(f"{source}: {name} has shape {tuple(tensor.shape)}, "
                             f"the model expects {tuple(expected[name].shape)}")
     model.load_state_dict(weights)
+
+
+def load_for_inference(path: str | Path, tokenizer_path: str | Path | None = None, device: str = "auto"):
+    """A checkpoint on its device and its tokenizer, checked against each other: what every inference command needs."""
+    from smdm.distributed import resolve_device
+    from smdm.tokenizer import Tokenizer
+
+    checkpoint = load_checkpoint(path, device=resolve_device(device))
+    source = tokenizer_path or checkpoint.tokenizer_path
+    if source is None:
+        raise SmdmError(f"{path}: no tokenizer stored with the checkpoint; pass --tokenizer")
+    tokenizer = Tokenizer.from_file(source)
+    if tokenizer.vocab_size != checkpoint.config.vocab_size:
+        raise SmdmError(f"tokenizer {source} has {tokenizer.vocab_size} tokens but the model expects "
+                        f"{checkpoint.config.vocab_size}")
+    return checkpoint, tokenizer

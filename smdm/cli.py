@@ -13,6 +13,12 @@ from pathlib import Path
 from smdm.errors import SmdmError
 
 
+def load_for_inference(path: str, tokenizer_path: str | None, device: str):
+    from smdm.checkpoint import load_for_inference as load
+
+    return load(path, tokenizer_path, device)
+
+
 def _add_train_args(parser: argparse.ArgumentParser, sft: bool = False) -> None:
     from smdm.train import TrainConfig
 
@@ -96,7 +102,7 @@ def _task_model(args: argparse.Namespace, train_files: list[Path], text_mode: bo
     get a tokenizer that covers the task's whole vocabulary.
     """
     if args.checkpoint:
-        return _load_for_inference(args.checkpoint, args.tokenizer, args.device)
+        return load_for_inference(args.checkpoint, args.tokenizer, args.device)
     from smdm.data.sft import SFTConfig, read_examples
     from smdm.finetune import finetune
     from smdm.tokenizer import train_bpe
@@ -112,7 +118,7 @@ def _task_model(args: argparse.Namespace, train_files: list[Path], text_mode: bo
     config = _task_train_config(args)
     finetune(train_files, config, SFTConfig(mode="text" if text_mode else "response", template=template,
                                             seed=args.seed, padding=args.padding), tokenizer=tokenizer)
-    return _load_for_inference(str(Path(config.out_dir) / "checkpoint"), None, args.device)
+    return load_for_inference(str(Path(config.out_dir) / "checkpoint"), None, args.device)
 
 
 def _add_task_model_args(p: argparse.ArgumentParser, epochs: float, model: str, lr: float) -> None:
@@ -230,7 +236,7 @@ def cmd_task_gsm8k(args: argparse.Namespace) -> None:
             write_sft_file(args.train, tokenizer_files[0], strip, None, args.skip_bad_lines)
         checkpoint, tokenizer = _task_model(args, [sft_file], text_mode=False, tokenizer_files=tokenizer_files)
     else:
-        checkpoint, tokenizer = _load_for_inference(args.checkpoint, args.tokenizer, args.device)
+        checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device)
     metrics, records = evaluate_gsm8k(checkpoint.model, tokenizer, config, progress=not args.no_progress)
     generations = out / "gsm8k_generations.jsonl"
     write_jsonl(generations, records)
@@ -246,7 +252,7 @@ def cmd_task_mtbench(args: argparse.Namespace) -> None:
     from smdm.tasks.mtbench import MTBenchConfig, generate_answers, settings_of, write_answer_file
     from smdm.tasks.report import format_table, write_results
 
-    checkpoint, tokenizer = _load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device)
     model_id = args.model_id or f"{checkpoint.config.name}-{checkpoint.meta.get('objective', 'model')}"
     config = MTBenchConfig(questions_file=args.questions, model_id=model_id, length=args.length, steps=args.steps,
                            block_length=args.block_length, remasking=args.remasking, cfg_scale=args.cfg_scale,
@@ -285,22 +291,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
           f"({manifest['dtype']})")
 
 
-def _load_for_inference(path: str, tokenizer_path: str | None, device: str):
-    from smdm.checkpoint import load_checkpoint
-    from smdm.tokenizer import Tokenizer
-    from smdm.train import resolve_device
-
-    checkpoint = load_checkpoint(path, device=resolve_device(device))
-    source = tokenizer_path or checkpoint.tokenizer_path
-    if source is None:
-        raise SmdmError(f"{path}: no tokenizer stored with the checkpoint; pass --tokenizer")
-    tokenizer = Tokenizer.from_file(source)
-    if tokenizer.vocab_size != checkpoint.config.vocab_size:
-        raise SmdmError(f"tokenizer {source} has {tokenizer.vocab_size} tokens but the model expects "
-                        f"{checkpoint.config.vocab_size}")
-    return checkpoint, tokenizer
-
-
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
@@ -310,7 +300,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     prompts = prompts or [""]  # one unconditional sample
     if args.batch_size < 1:
         raise SmdmError(f"--batch-size must be at least 1, got {args.batch_size}")
-    checkpoint, tokenizer = _load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device)
     model = checkpoint.model
     options = {"remasking": args.remasking, "block_length": args.block_length, "cfg_scale": args.cfg_scale,
                "threshold": args.threshold, "cache": args.cache, "top_p": args.top_p, "eos_id": tokenizer.eos_id,
@@ -348,7 +338,7 @@ def cmd_likelihood(args: argparse.Namespace) -> None:
 
     from smdm.likelihood import score, sequence_nll
 
-    checkpoint, tokenizer = _load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device)
     ids = tokenizer.encode(args.text)
     if not ids:
         raise SmdmError("the text is empty")
@@ -371,7 +361,7 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
 
     checkpoints, tokenizer = {}, None
     for path in args.checkpoint:
-        checkpoint, its_tokenizer = _load_for_inference(path, args.tokenizer, args.device)
+        checkpoint, its_tokenizer = load_for_inference(path, args.tokenizer, args.device)
         if tokenizer is not None and its_tokenizer.fingerprint != tokenizer.fingerprint:
             raise SmdmError(f"{path} uses another tokenizer than {args.checkpoint[0]}: scores would not compare")
         tokenizer = its_tokenizer

@@ -69,9 +69,9 @@ class SmdmLM(LM):
             raise SmdmError(f"unknown smdm model argument {unknown[0]!r}; use {', '.join(sorted(known))}")
         options = {k: v for k, v in options.items() if v is not None}
         self.config = HarnessConfig(checkpoint=str(checkpoint), **options)
-        from smdm.cli import _load_for_inference
+        from smdm.checkpoint import load_for_inference
 
-        loaded, self.tokenizer = _load_for_inference(self.config.checkpoint, self.config.tokenizer, self.config.device)
+        loaded, self.tokenizer = load_for_inference(self.config.checkpoint, self.config.tokenizer, self.config.device)
         self.model = loaded.model
         self.block_size = loaded.config.block_size
         self._device = self.model.lm_head.weight.device

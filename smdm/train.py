@@ -118,13 +118,6 @@ class TrainConfig:
             raise SmdmError("prompt dropout trains classifier-free guidance, which only MDMs support")
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def autocast_context(device: torch.device, dtype: str):
     """bf16 autocast on GPU (fast and stable); fp32 on CPU, where bf16 matmul is about 2x slower."""
     use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")

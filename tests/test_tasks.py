@@ -118,9 +118,9 @@ def chat_models(tmp_path_factory):
 
 
 def _load(root, objective):
-    from smdm.cli import _load_for_inference
+    from smdm.checkpoint import load_for_inference
 
-    return _load_for_inference(str(root / objective / "checkpoint"), None, "cpu")
+    return load_for_inference(str(root / objective / "checkpoint"), None, "cpu")
 
 
 class GenerateSpy:
