@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from smdm.errors import SmdmError
 from smdm.likelihood import is_greedy_continuation, score
+from smdm.sample import SamplerSettings, generate, prepare_prompts, prompt_room
 
 try:
     from lm_eval.api.model import LM
@@ -44,7 +46,16 @@ class HarnessConfig:
     steps: int | None = None
     block_length: int | None = None
     remasking: str = "low_confidence"
+    schedule: str = "even"
     temperature: float = 0.0
+    top_p: float = 1.0
+    threshold: float | None = None
+    cache: str | None = None
+
+    @property
+    def sampler(self) -> SamplerSettings:
+        """The generation settings these model arguments name (cfg_scale also guides scoring)."""
+        return SamplerSettings.from_namespace(self)
 
     def __post_init__(self) -> None:
         if self.nll_type not in NLL_TYPES:
@@ -166,8 +177,6 @@ class SmdmLM(LM):
     def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
         """Generate `length` tokens per prompt (MDM: one canvas; ARM: greedy/sampled) and cut at the first `until`
         string. Prompts with the same settings are batched; too long a prompt is cut from the left."""
-        from smdm.sample import generate
-
         c = self.config
         generator = torch.Generator().manual_seed(c.seed)
         results: list[str | None] = [None] * len(requests)
@@ -180,14 +189,12 @@ class SmdmLM(LM):
                 raise SmdmError(f"generation length {length} does not fit the model's context {self.block_size}")
             for first in range(0, len(indices), c.batch_size):
                 batch = indices[first:first + c.batch_size]
-                prompts = [self.tokenizer.encode(requests[i].args[0]) for i in batch]
-                if self.model.causal:
-                    prompts = [p or [self.tokenizer.eos_id] for p in prompts]
-                room = self.block_size - length + (1 if self.model.causal else 0)  # an ARM never feeds its last
+                prompts = prepare_prompts(self.model, [self.tokenizer.encode(requests[i].args[0]) for i in batch],
+                                          self.tokenizer.eos_id)
+                room = prompt_room(self.model, length)
                 prompts = [p[max(0, len(p) - room):] for p in prompts]
-                out = generate(self.model, prompts, length, steps=c.steps, temperature=temperature,
-                               generator=generator, block_length=c.block_length, remasking=c.remasking,
-                               cfg_scale=c.cfg_scale, eos_id=self.tokenizer.eos_id)
+                out = generate(self.model, prompts, length, generator=generator, eos_id=self.tokenizer.eos_id,
+                               settings=replace(c.sampler, temperature=temperature))
                 for i, completion in zip(batch, out.completions):
                     results[i] = cut_at(self.tokenizer.decode(completion), until)
         return [r or "" for r in results]
@@ -268,3 +275,15 @@ def evaluate_tasks(tasks: Sequence[str], model_args: str | dict[str, Any], data_
         logging.getLogger("lm_eval.api.task").removeFilter(notice)
     return {key: results[key] for key in ("results", "groups", "configs", "versions", "n-shot", "n-samples")
             if key in results}
+
+
+def write_summary(summary: dict[str, Any], out: str | Path) -> Path:
+    """lm-eval's results as JSON at `out`; an unwritable path is a one-line error."""
+    import json
+
+    path = Path(out)
+    try:
+        path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    except OSError as error:
+        raise SmdmError(f"could not write {path}: {error.strerror or error}") from None
+    return path

@@ -1,0 +1,72 @@
+"""Argument types for the CLI: every numeric option is checked where it is parsed, so bad input ends as one line
+(`smdm: error: argument --lr: ...`, exit 2) instead of a traceback deep in the library."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def _number(text: str, kind: type) -> float | int:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return int(value)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return int(value)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (nan, inf and negatives refused)."""
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return float(value)
+
+
+def finite_float(low: float | None = None, high: float | None = None) -> Callable[[str], float]:
+    """A finite number in [low, high] (either bound optional)."""
+
+    def parse(text: str) -> float:
+        value = _number(text, float)
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+            raise argparse.ArgumentTypeError(f"must lie in {bounds}, got {text}")
+        return float(value)
+
+    parse.__name__ = "number"
+    return parse
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1]."""
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return float(value)
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1)."""
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return float(value)
