@@ -14,8 +14,18 @@ from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 
-from smdm.cli_types import finite_float, fraction, non_negative_int, positive_float, positive_int
+from smdm.cli_types import (
+    add_common_args,
+    add_length_and_sampler_args,
+    finite_float,
+    fraction,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from smdm.errors import SmdmError
+from smdm.sweep_cli import add_scale_parser
+from smdm.tasks.cli import add_eval_parser, add_task_parsers
 
 
 class _Parser(argparse.ArgumentParser):
@@ -162,82 +172,6 @@ def _add_sft_args(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------------------ tasks
 
-def _add_task_model_args(p: argparse.ArgumentParser, epochs: float, lr: float) -> None:
-    from smdm.data.sft import PADDINGS
-    from smdm.objectives import objective_names
-
-    p.add_argument("--checkpoint", help="evaluate this model; without it a model is trained first (in OUT/run)")
-    p.add_argument("--init-from", help="fine-tune this checkpoint (default: train from scratch)")
-    p.add_argument("--model", default="tiny-1m", help="config when training from scratch")
-    p.add_argument("--objective", choices=objective_names(), default="mdm")
-    p.add_argument("--epochs", type=positive_float, default=epochs)
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--lr", type=positive_float, default=lr)
-    p.add_argument("--save-every", type=positive_int, default=500)
-    p.add_argument("--vocab-size", type=positive_int, default=1024, help="BPE size when training from scratch")
-    p.add_argument("--padding", choices=PADDINGS, default="longest")
-    p.add_argument("--tokenizer")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted training run in OUT/run")
-    _add_common(p)
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: see README, Threads)")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def _task_model(args: argparse.Namespace):
-    from smdm.tasks.training import TaskModel
-
-    names = {f.name for f in fields(TaskModel)} - {"progress"}
-    return TaskModel(**{k: getattr(args, k) for k in names if hasattr(args, k)}, progress=not args.no_progress)
-
-
-def cmd_task_reversal(args: argparse.Namespace) -> None:
-    from smdm.sample import SamplerSettings
-    from smdm.tasks.reversal import TRAIN_FILE, ReversalConfig, check_data_dir, evaluate_reversal, report
-
-    check_data_dir(args.data_dir)
-    sampler = SamplerSettings.from_namespace(args)
-    task_model = _task_model(args)
-    task_model.refuse_arm_options(sampler)  # before an hour of training, not after
-    config = ReversalConfig(data_dir=args.data_dir, length=args.length, sampler=sampler,
-                            batch_size=args.eval_batch_size, limit=args.limit, rank=args.rank)
-    checkpoint, tokenizer = task_model.load([Path(args.data_dir) / TRAIN_FILE], text_mode=True)
-    results = evaluate_reversal(checkpoint.model, tokenizer, config, progress=not args.no_progress)
-    print(report(results, config, checkpoint, Path(args.out)))
-
-
-def cmd_task_gsm8k(args: argparse.Namespace) -> None:
-    from smdm.sample import SamplerSettings
-    from smdm.tasks.gsm8k import GSM8KConfig, run_gsm8k
-
-    sampler = SamplerSettings.from_namespace(args)
-    task_model = _task_model(args)
-    task_model.refuse_arm_options(sampler, {"--answer-cfg-scale": args.answer_cfg_scale})
-    config = GSM8KConfig(test_file=args.test, length=args.length, sampler=sampler, two_stage=args.two_stage,
-                         answer_cfg_scale=args.answer_cfg_scale, answer_length=args.answer_length,
-                         batch_size=args.eval_batch_size, limit=args.limit, skip_bad_lines=args.skip_bad_lines,
-                         seed=args.seed)
-    print(run_gsm8k(config, task_model, args.train, train_limit=args.train_limit,
-                    strip_calculator=not args.keep_calculator, prepare_only=args.prepare_only))
-
-
-def cmd_task_mtbench(args: argparse.Namespace) -> None:
-    from smdm.checkpoint import load_for_inference
-    from smdm.sample import SamplerSettings
-    from smdm.tasks.mtbench import MTBenchConfig, run_mtbench
-
-    checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device)
-    model_id = args.model_id or f"{checkpoint.config.name}-{checkpoint.meta.get('objective', 'model')}"
-    config = MTBenchConfig(questions_file=args.questions, model_id=model_id, length=args.length,
-                           sampler=SamplerSettings.from_namespace(args), batch_size=args.batch_size,
-                           limit=args.limit, skip_bad_lines=args.skip_bad_lines, seed=args.seed)
-    print(run_mtbench(checkpoint, tokenizer, config, Path(args.out), progress=not args.no_progress))
-
-
 # -------------------------------------------------------------------------------------------------------- inference
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -283,32 +217,6 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
     for path in write_report(rows, Path(args.out)):
         print(f"wrote {path}")
     print((Path(args.out) / "temporal.md").read_text(), end="")
-
-
-def cmd_eval(args: argparse.Namespace) -> None:
-    from smdm.harness import evaluate_tasks, write_summary
-
-    if not args.tasks or not args.model_args:
-        raise SmdmError("smdm eval needs --tasks and --model-args (or the subcommand `smdm eval convert`)")
-    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
-    summary = evaluate_tasks(args.tasks.split(","), args.model_args, args.data_dir, limit)
-    for task, metrics in summary["results"].items():
-        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
-        print(json.dumps({"task": task, **shown}))
-    if args.out:
-        print(f"results -> {write_summary(summary, args.out)}", file=sys.stderr)
-
-
-def cmd_eval_convert(args: argparse.Namespace) -> None:
-    from smdm.tasks.commonsense import convert_commonsense, convert_official
-
-    if args.format == "commonsense":
-        counts = convert_commonsense(args.source, args.out, args.tasks.split(",") if args.tasks else None,
-                                     split=args.split)
-    else:
-        counts = {args.format: convert_official(args.format, args.source, args.out)}
-    for name, count in counts.items():
-        print(f"{Path(args.out) / (name + '.jsonl')}: {count} items (task smdm_{name})")
 
 
 # ---------------------------------------------------------------------------------------------------------- the rest
@@ -360,94 +268,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_runs(args.runs, args.out, x=args.x)}")
 
 
-def cmd_scale(args: argparse.Namespace) -> None:
-    from smdm import sweep
-    from smdm.scaling import SweepSpec, plan_sweep, read_manifest, write_manifest
-
-    if args.scale_command == "plan":
-        spec = SweepSpec.from_file(args.spec)
-        runs = plan_sweep(spec)
-        print(sweep.describe_plan(runs))
-        print(f"manifest -> {write_manifest(spec, runs, args.out)}")
-        return
-    spec, runs = read_manifest(args.manifest)
-    runs = sweep.select_runs(runs, getattr(args, "only", None), args.manifest)
-    data = args.data or spec.data_dir
-    if args.scale_command == "run":
-        report = sweep.run_sweep(runs, data, jobs=args.jobs, threads=args.threads,
-                                 stop_after_steps=args.stop_after_steps, progress=not args.no_progress)
-        print(report.describe())
-        report.raise_for_failures(len(runs))
-    elif args.scale_command == "fit":
-        for line in sweep.fit_report(spec, runs, args.out, args.data, args.irreducible, args.bootstrap, args.seed,
-                                     warn=lambda text: print(text, file=sys.stderr)):
-            print(line)
-    else:
-        text = (sweep.slurm_script(runs, data, args.nproc_per_node, args.nnodes, args.max_parallel, args.time,
-                                   args.partition, job_name=spec.name) if args.format == "slurm"
-                else "\n".join(sweep.launch_commands(runs, data, args.nproc_per_node, args.nnodes)) + "\n")
-        if args.out:
-            Path(args.out).write_text(text)
-            print(f"{len(runs)} runs -> {args.out}")
-        else:
-            print(text, end="")
-
-
 # ----------------------------------------------------------------------------------------------------------- parser
-
-def _add_sampler_and_length(p: argparse.ArgumentParser, length: int | None, help_length: str,
-                            skip: Sequence[str] = ()) -> None:
-    from smdm.sample import add_sampler_args
-
-    p.add_argument("--length", type=positive_int, default=length, help=help_length)
-    add_sampler_args(p, skip=skip)
-
-
-def _task_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("task", help="the paper's conditional tasks: reversal curse, GSM8K, MT-Bench")
-    tasks = p.add_subparsers(dest="task", required=True)
-    t = tasks.add_parser("reversal", help="train (or fine-tune) on the reversal-curse facts, test both directions")
-    t.add_argument("--data-dir", required=True, help="the reversal_curse folder (all_prompts_train + 4 test files)")
-    t.add_argument("--out", required=True, help="directory for reversal.json (and the trained model in OUT/run)")
-    _add_task_model_args(t, epochs=30, lr=3e-3)
-    _add_sampler_and_length(t, None, "tokens to generate (default: longest reference + 4)", skip=("stop_at_eos",))
-    t.add_argument("--eval-batch-size", type=positive_int, default=64)
-    t.add_argument("--limit", type=positive_int, help="questions per test file, spread over it")
-    t.add_argument("--rank", type=positive_int, metavar="N",
-                   help="name answers: also rank all the file's names by likelihood for N questions (vs chance)")
-    t.set_defaults(func=cmd_task_reversal)
-
-    t = tasks.add_parser("gsm8k", help="fine-tune on GSM8K (question -> reasoning + #### answer), then test accuracy")
-    t.add_argument("--train", help="GSM8K train jsonl {question, answer} (not needed with --checkpoint)")
-    t.add_argument("--test", required=True, help="GSM8K jsonl to evaluate on")
-    t.add_argument("--out", required=True, help="directory for gsm8k.json, gsm8k_generations.jsonl (and OUT/run)")
-    _add_task_model_args(t, epochs=40, lr=3e-3)
-    t.add_argument("--train-limit", type=positive_int, help="train on the first N examples only")
-    t.add_argument("--keep-calculator", action="store_true", help="keep GSM8K's <<a*b=c>> annotations in training")
-    t.add_argument("--prepare-only", action="store_true",
-                   help="write OUT/gsm8k_sft.jsonl and stop (train it with `smdm sft`, e.g. under torchrun)")
-    t.add_argument("--limit", type=positive_int, help="test questions (the first N)")
-    _add_sampler_and_length(t, 256, "tokens generated (stage 1 with --two-stage)", skip=("stop_at_eos",))
-    t.add_argument("--two-stage", action="store_true", help="generate the reasoning, then the answer after ####")
-    t.add_argument("--answer-cfg-scale", type=finite_float(), help="MDM CFG of the answer stage")
-    t.add_argument("--answer-length", type=positive_int, default=16, help="tokens of the answer stage")
-    t.add_argument("--eval-batch-size", type=positive_int, default=16)
-    t.add_argument("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines instead of failing")
-    t.set_defaults(func=cmd_task_gsm8k)
-
-    t = tasks.add_parser("mtbench", help="answer the MT-Bench questions (two turns) in FastChat's answer format")
-    t.add_argument("--checkpoint", required=True)
-    t.add_argument("--questions", required=True, help="FastChat question.jsonl {question_id, category, turns}")
-    t.add_argument("--out", required=True, help="directory for model_answer/MODEL_ID.jsonl and mtbench.json")
-    t.add_argument("--model-id", help="name in the answer file (default: CONFIG-OBJECTIVE)")
-    _add_sampler_and_length(t, 256, "tokens generated per turn", skip=("stop_at_eos",))
-    t.add_argument("--batch-size", type=positive_int, default=8)
-    t.add_argument("--limit", type=positive_int, help="questions (the first N)")
-    t.add_argument("--skip-bad-lines", action="store_true", help="skip malformed jsonl lines instead of failing")
-    t.add_argument("--tokenizer")
-    _add_common(t)
-    t.set_defaults(func=cmd_task_mtbench)
-
 
 def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate text from a checkpoint (MDM samplers or ARM decoding)")
@@ -455,12 +276,12 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", help="repeatable; default: one unconditional sample")
     p.add_argument("--prompts-file", help="jsonl with a \"prompt\" field per line (added after --prompt)")
     p.add_argument("--out", help="write the samples as jsonl here (default: print them)")
-    _add_sampler_and_length(p, 64, "tokens to generate per prompt")
+    add_length_and_sampler_args(p, 64, "tokens to generate per prompt")
     p.add_argument("--batch-size", type=positive_int, default=16, help="prompts sampled together (any lengths)")
     p.add_argument("--tokenizer")
     p.add_argument("--bos", action="store_true", help="prepend BOS to prompts")
     p.add_argument("--show-steps", action="store_true", help="print the sequence after every step (stderr)")
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("likelihood", help="NLL of a text (MDM: Monte-Carlo ELBO bound; ARM: exact)")
@@ -472,7 +293,7 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg-scale", type=finite_float(), help="MDM with --prefix: unsupervised CFG weight")
     p.add_argument("--mc-samples", type=positive_int, default=128)
     p.add_argument("--tokenizer")
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_likelihood)
 
     p = sub.add_parser("perplexity", help="score corpora (e.g. text from different years) with MDMs and ARMs")
@@ -483,61 +304,8 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-blocks", type=positive_int, default=32, help="blocks scored per corpus")
     p.add_argument("--mc-samples", type=positive_int, default=64, help="MDM draws per block")
     p.add_argument("--tokenizer")
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_perplexity)
-
-    p = sub.add_parser("eval", help="lm-evaluation-harness on a checkpoint; offline tasks smdm_* read --data-dir")
-    p.add_argument("--tasks", help="comma-separated: smdm_arc_easy, smdm_piqa, ... or stock lm-eval task names")
-    p.add_argument("--model-args", help="checkpoint=PATH[,nll_type=mc|chain,mc_samples=128,cfg_scale=...,...]")
-    p.add_argument("--data-dir", help="directory of the task jsonl files (default: $SMDM_EVAL_DATA)")
-    p.add_argument("--limit", type=positive_float, help="items per task (a fraction if below 1)")
-    p.add_argument("--out", help="write lm-eval's results as JSON here")
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.set_defaults(func=cmd_eval)
-    evsub = p.add_subparsers(dest="eval_command")
-    c = evsub.add_parser("convert", help="write the jsonl files the smdm_* tasks read")
-    c.add_argument("--source", required=True,
-                   help="commonsense: the LLM-Adapters dataset directory; else the official file or directory")
-    c.add_argument("--out", required=True, help="the data directory to write (task_name.jsonl files)")
-    c.add_argument("--format", choices=["commonsense", "hellaswag", "race", "lambada"], default="commonsense")
-    c.add_argument("--tasks", help="commonsense subsets to convert, comma-separated (default: all)")
-    c.add_argument("--split", default="test", help="commonsense: which <split>.json of each subset")
-    c.set_defaults(func=cmd_eval_convert)
-
-
-def _scale_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("scale", help="scaling laws: plan, run, fit and launch IsoFLOP sweeps of MDMs and ARMs")
-    scale = p.add_subparsers(dest="scale_command", required=True)
-    s = scale.add_parser("plan", help="turn a sweep spec (JSON) into a manifest of training runs")
-    s.add_argument("spec", help="e.g. configs/scaling-cpu.json")
-    s.add_argument("--out", required=True, help="manifest to write")
-    s = scale.add_parser("run", help="train the manifest's unfinished runs (resumes killed ones)")
-    s.add_argument("manifest")
-    s.add_argument("--jobs", type=positive_int, default=1, help="training processes at once")
-    s.add_argument("--threads", type=positive_int, default=None, help="torch threads per process")
-    s.add_argument("--only", nargs="+", help="run names to train (default: all)")
-    s.add_argument("--data", help="override the spec's data directory")
-    s.add_argument("--stop-after-steps", type=positive_int, help="end each run early with a checkpoint (time slices)")
-    s.add_argument("--no-progress", action="store_true")
-    s = scale.add_parser("fit", help="IsoFLOP parabolas, power laws with bootstrap intervals, compute gap, plots")
-    s.add_argument("manifest")
-    s.add_argument("--out", required=True, help="directory for scaling.json, isoflop.png, frontier.png")
-    s.add_argument("--irreducible", action="store_true", help="also fit L = E + A C^-alpha (needs 4 budgets)")
-    s.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap replicates for the intervals")
-    s.add_argument("--seed", type=non_negative_int, default=0)
-    s.add_argument("--data", help="data directory for the unigram-entropy reference line (default: the spec's)")
-    s = scale.add_parser("launch", help="print one torchrun command per run, or a SLURM array script")
-    s.add_argument("manifest")
-    s.add_argument("--format", choices=["shell", "slurm"], default="shell")
-    s.add_argument("--nproc-per-node", type=positive_int, default=8)
-    s.add_argument("--nnodes", type=positive_int, default=1)
-    s.add_argument("--max-parallel", type=positive_int, default=None, help="SLURM: array tasks running at once")
-    s.add_argument("--time", default="24:00:00", help="SLURM time limit per run")
-    s.add_argument("--partition", default=None)
-    s.add_argument("--data", help="data directory on the cluster (default: the spec's)")
-    s.add_argument("--out", help="write here instead of printing")
-    p.set_defaults(func=cmd_scale)
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; exposed for tests and documentation."""
@@ -579,8 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sft_args(p)
     p.set_defaults(func=cmd_sft)
 
-    _task_parsers(sub)
+    add_task_parsers(sub)
     _inference_parsers(sub)
+    add_eval_parser(sub)
 
     p = sub.add_parser("plot", help="training and validation loss of runs (an MDM beside its ARM) in one PNG")
     p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
@@ -599,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_import_smdm)
 
-    _scale_parsers(sub)
+    add_scale_parser(sub)
     return parser
 
 

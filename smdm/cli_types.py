@@ -1,11 +1,11 @@
-"""Argument types for the CLI: every numeric option is checked where it is parsed, so bad input ends as one line
-(`smdm: error: argument --lr: ...`, exit 2) instead of a traceback deep in the library."""
+"""Argument types and shared option groups of the CLI. Every numeric option is checked where it is parsed, so bad
+input ends as one line (`smdm: error: argument --lr: ...`, exit 2) instead of a traceback deep in the library."""
 
 from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 def _number(text: str, kind: type) -> float | int:
@@ -70,3 +70,20 @@ def fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
     return float(value)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """--seed, --device, --threads, --no-progress: what every command that runs a model takes."""
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: see README, Threads)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_length_and_sampler_args(p: argparse.ArgumentParser, length: int | None, help_length: str,
+                                skip: Sequence[str] = ()) -> None:
+    """--length and every sampler option (smdm.sample.add_sampler_args)."""
+    from smdm.sample import add_sampler_args
+
+    p.add_argument("--length", type=positive_int, default=length, help=help_length)
+    add_sampler_args(p, skip=skip)

@@ -137,24 +137,24 @@ def add_sampler_args(parser: argparse.ArgumentParser, defaults: SamplerSettings 
     from smdm.cli_types import finite_float, positive_int, probability
 
     options = {
-        "steps": dict(type=positive_int, help="MDM denoising steps (default: the length)"),
-        "block_length": dict(type=positive_int, help="MDM semi-autoregressive block length; steps are split "
-                                                     "evenly across blocks (default: the length, one block)"),
-        "remasking": dict(choices=REMASKINGS, help="MDM: reveal the most confident predictions, or each masked "
-                                                   "token with probability 1 - s/t"),
-        "schedule": dict(choices=SCHEDULES, help="MDM low-confidence tokens per step: even (LLaDA) or smdm "
-                                                 "(SMDM's diff_sample: floor(n(1 - s/t)), the rest at the last)"),
-        "temperature": dict(type=finite_float(0), help="0: greedy"),
-        "top_p": dict(type=probability, help="nucleus sampling mass (with temperature > 0)"),
-        "cfg_scale": dict(type=finite_float(), help="MDM classifier-free guidance w: uncond + (w + 1)(cond - "
-                                                    "uncond), the prompt masked for uncond"),
-        "threshold": dict(type=probability, help="MDM parallel decoding: also reveal every token whose "
-                                                 "confidence exceeds this"),
-        "cache": dict(choices=sorted(set(MDM_CACHES + ARM_CACHES)),
-                      help="MDM: none (exact, default), prefix or dual (Fast-dLLM, approximate); "
-                           "ARM: kv (default) or none"),
-        "stop_at_eos": dict(action="store_true", help="stop once every sample has an EOS in its final tokens "
-                                                     "(completions are cut there anyway)"),
+        "steps": {"type": positive_int, "help": "MDM denoising steps (default: the length)"},
+        "block_length": {"type": positive_int, "help": "MDM semi-autoregressive block length; steps are split "
+                                                     "evenly across blocks (default: the length, one block)"},
+        "remasking": {"choices": REMASKINGS, "help": "MDM: reveal the most confident predictions, or each masked "
+                                                   "token with probability 1 - s/t"},
+        "schedule": {"choices": SCHEDULES, "help": "MDM low-confidence tokens per step: even (LLaDA) or smdm "
+                                                 "(SMDM's diff_sample: floor(n(1 - s/t)), the rest at the last)"},
+        "temperature": {"type": finite_float(0), "help": "0: greedy"},
+        "top_p": {"type": probability, "help": "nucleus sampling mass (with temperature > 0)"},
+        "cfg_scale": {"type": finite_float(), "help": "MDM classifier-free guidance w: uncond + (w + 1)(cond - "
+                                                    "uncond), the prompt masked for uncond"},
+        "threshold": {"type": probability, "help": "MDM parallel decoding: also reveal every token whose "
+                                                 "confidence exceeds this"},
+        "cache": {"choices": sorted(set(MDM_CACHES + ARM_CACHES)),
+                      "help": "MDM: none (exact, default), prefix or dual (Fast-dLLM, approximate); "
+                           "ARM: kv (default) or none"},
+        "stop_at_eos": {"action": "store_true", "help": "stop once every sample has an EOS in its final tokens "
+                                                     "(completions are cut there anyway)"},
     }
     for name, spec in options.items():
         if name in skip:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from smdm.config import ModelConfig
 from smdm.errors import SmdmError
 from smdm.scaling import PlannedRun, RunResult, SweepSpec
 

@@ -21,7 +21,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -164,7 +164,7 @@ class GSM8KConfig:
 
     test_file: str
     length: int = 256  # tokens of the (stage-1) generation
-    sampler: SamplerSettings = SamplerSettings()  # stage 1 (the reasoning, or everything in one stage)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)  # stage 1 (the reasoning, or everything in one stage)
     two_stage: bool = False
     answer_cfg_scale: float | None = None  # MDM: guidance of stage 2 (the answer after `####`)
     answer_length: int = 16  # tokens of stage 2 (its steps: the same number)

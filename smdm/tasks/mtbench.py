@@ -15,7 +15,7 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -75,7 +75,7 @@ class MTBenchConfig:
     questions_file: str
     model_id: str
     length: int = 256  # tokens generated per turn
-    sampler: SamplerSettings = SamplerSettings()
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
     batch_size: int = 8
     limit: int | None = None  # questions answered (the first ones of the file)
     skip_bad_lines: bool = False

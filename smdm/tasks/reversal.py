@@ -13,7 +13,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -81,7 +81,7 @@ class ReversalConfig:
 
     data_dir: str
     length: int | None = None  # tokens generated; default: the longest reference of the file + 4
-    sampler: SamplerSettings = SamplerSettings()  # MDM blocks: the length rounds up to a multiple of block_length
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)  # MDM blocks: the length rounds up to a multiple of block_length
     batch_size: int = 64
     limit: int | None = None  # questions per file, spread evenly over it
     rank: int | None = None  # name answers: also rank all the file's names by likelihood for this many questions
