@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +40,21 @@ class HarnessConfig:
     nll_type: str = "mc"  # MDM scoring: Monte-Carlo bound ("mc") or exact left-to-right chain rule ("chain")
     mc_samples: int = 128
     batch_size: int = 32  # MC draws (or chain-rule rows) per forward pass; prompts per generation batch
-    cfg_scale: float | None = None
     seed: int = 0  # every request uses this seed: choices of one question see the same mask draws
     length: int | None = None  # tokens to generate; default: the task's max_gen_toks
-    steps: int | None = None
-    block_length: int | None = None
-    remasking: str = "low_confidence"
-    schedule: str = "even"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    threshold: float | None = None
-    cache: str | None = None
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)  # its cfg_scale also guides scoring
 
-    @property
-    def sampler(self) -> SamplerSettings:
-        """The generation settings these model arguments name (cfg_scale also guides scoring)."""
-        return SamplerSettings.from_namespace(self)
+    @classmethod
+    def from_model_args(cls, checkpoint: str, **options: Any) -> HarnessConfig:
+        """Flat `key=value` model arguments: ours, and any SamplerSettings field (steps, cfg_scale, cache, ...)."""
+        ours = {f.name for f in fields(cls)} - {"sampler"}
+        theirs = set(SamplerSettings.__dataclass_fields__) - {"stop_at_eos"}
+        unknown = sorted(set(options) - ours - theirs)
+        if unknown:
+            raise SmdmError(f"unknown smdm model argument {unknown[0]!r}; use {', '.join(sorted(ours | theirs))}")
+        options = {k: v for k, v in options.items() if v is not None}
+        sampler = SamplerSettings(**{k: v for k, v in options.items() if k in theirs})
+        return cls(checkpoint=checkpoint, sampler=sampler, **{k: v for k, v in options.items() if k in ours})
 
     def __post_init__(self) -> None:
         if self.nll_type not in NLL_TYPES:
@@ -74,12 +73,7 @@ class SmdmLM(LM):
         super().__init__()
         if not checkpoint:
             raise SmdmError("the smdm model needs checkpoint=PATH in its model arguments")
-        known = {f.name for f in fields(HarnessConfig)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise SmdmError(f"unknown smdm model argument {unknown[0]!r}; use {', '.join(sorted(known))}")
-        options = {k: v for k, v in options.items() if v is not None}
-        self.config = HarnessConfig(checkpoint=str(checkpoint), **options)
+        self.config = HarnessConfig.from_model_args(str(checkpoint), **options)
         from smdm.checkpoint import load_for_inference
 
         loaded, self.tokenizer = load_for_inference(self.config.checkpoint, self.config.tokenizer, self.config.device)
@@ -117,7 +111,7 @@ class SmdmLM(LM):
     def _score(self, prefix: list[int], target: list[int]) -> float:
         """-log p(target | prefix) in nats through the shared API."""
         c = self.config
-        options: dict[str, Any] = {"cfg_scale": c.cfg_scale} if c.cfg_scale else {}
+        options: dict[str, Any] = {"cfg_scale": c.sampler.cfg_scale} if c.sampler.cfg_scale else {}
         if not self.model.causal:
             options["batch_size"] = c.batch_size
             if c.nll_type == "mc":
@@ -169,7 +163,7 @@ class SmdmLM(LM):
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         length = self.config.length or int(gen_kwargs.get("max_gen_toks", 64))
-        temperature = float(gen_kwargs.get("temperature", self.config.temperature))
+        temperature = float(gen_kwargs.get("temperature", self.config.sampler.temperature))
         if gen_kwargs.get("do_sample") is False:
             temperature = 0.0
         return until, length, temperature
