@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from smdm.errors import SmdmError
+from smdm.interop.cli import add_parser as add_export_parser
 
 
 def load_for_inference(path: str, tokenizer_path: str | None, device: str):
@@ -718,6 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tasks", help="commonsense subsets to convert, comma-separated (default: all)")
     c.add_argument("--split", default="test", help="commonsense: which <split>.json of each subset")
     c.set_defaults(func=cmd_eval_convert)
+
+    add_export_parser(sub)
 
     p = sub.add_parser("configs", help="list the named model configs")
     p.set_defaults(func=cmd_configs)
