@@ -344,6 +344,10 @@ def test_bad_directories_are_one_line_errors_and_export_writes_nothing(tmp_path,
     wrong = variant("wrong-shape")
     (wrong / "config.json").write_text(json.dumps({**record, "intermediate_size": 128}))
     attempt(wrong, "has shape", "config.json implies")
+    truncated = variant("truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[:-100])
+    attempt(truncated, "truncated")
     small = variant("small-vocab")
     (small / "config.json").write_text(json.dumps({**record, "vocab_size": 200}))
     attempt(small, "has shape")  # the weights have 320 rows
