@@ -253,7 +253,8 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     manifest = manifest or load_manifest(config.data_dir)
     vocab_size = int(manifest["tokenizer"]["vocab_size"])
     initial = load_checkpoint(config.init_from) if config.init_from and not config.resume else None
-    if initial is not None and initial.config.vocab_size != vocab_size:
+    if initial is not None and initial.config.vocab_size != vocab_size and not (
+            "source" in initial.meta and vocab_size <= initial.config.vocab_size):  # imported: padded embeddings
         raise SmdmError(f"{config.init_from}: vocabulary {initial.config.vocab_size} != data's {vocab_size}")
     if initial is not None and initial.meta.get("objective", config.objective) != config.objective:
         raise SmdmError(f"{config.init_from}: an {initial.meta['objective']} checkpoint cannot start an "

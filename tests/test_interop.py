@@ -381,3 +381,21 @@ def test_shifted_mdm_needs_a_prompt(tmp_path):
 
     with pytest.raises(SmdmError, match="shifted"):
         mc_score(model, [], [1, 2, 3])
+
+
+def test_sft_starts_from_a_llada_directory(peers, tmp_path, tokenizer_dir, capsys):
+    # `smdm sft --init-from DIR`: tokenizer from the directory, the 320-row embedding (more rows than the
+    # tokenizer's 300 tokens) accepted, LLaDA's [MASK] id used; with lr ~ 0 the weights stay the imported ones.
+    theirs, directory = _llada(peers, tmp_path, tokenizer_dir)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"the cat {i}", "completion": " sat on the mat"}) + "\n"
+                            for i in range(8)))
+    capsys.readouterr()
+    code, stdout, err = run_cli(capsys, "sft", "--data", str(data), "--init-from", str(directory), "--out",
+                                str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--lr", "1e-12",
+                                "--warmup-steps", "0", "--val-fraction", "0", "--no-progress", "--threads", "1")
+    assert code == 0, err
+    tuned = load_checkpoint(tmp_path / "run")
+    assert tuned.config.mask_token_id == MASK and tuned.meta["objective"] == "mdm"
+    x = _ids(seed=9)
+    torch.testing.assert_close(tuned.model(x), theirs(x, use_cache=False).logits, rtol=1e-4, atol=1e-4)

@@ -92,12 +92,20 @@ def import_spec(record: dict[str, Any], where: str) -> tuple[str, ModelConfig, N
     return family, config, names, OBJECTIVES[family]
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, record: dict[str, Any]) -> torch.dtype:
-    """float32 by default; "auto" keeps the dtype config.json declares (bf16 stays bf16)."""
+def model_dir_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig a model directory imports as, from its config.json alone (no weights read)."""
+    directory = Path(path)
+    return import_spec(read_record(directory), str(directory))[1]
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, record: dict[str, Any],
+                  device: str | torch.device = "cpu") -> torch.dtype:
+    """"auto" keeps the dtype config.json declares (bf16 stays bf16). None: float32 on CPU (where bf16 matmuls are
+    slow and the oracle tests compare fp32 logits), "auto" on an accelerator (an 8B model in fp32 needs 32 GB)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None:
-        return torch.float32
+        dtype = "auto" if torch.device(device).type != "cpu" else "fp32"
     if dtype == "auto":
         declared = str(record.get("torch_dtype") or record.get("dtype") or "float32")
         return DTYPES.get(declared, torch.float32)
@@ -116,7 +124,7 @@ def load_model_dir(path: str | Path, dtype: str | torch.dtype | None = None, dev
     directory = Path(path)
     record = read_record(directory)
     family, config, names, objective = import_spec(record, str(directory))
-    model = empty_model(config, causal=objective == "arm", dtype=resolve_dtype(dtype, record), device=device)
+    model = empty_model(config, causal=objective == "arm", dtype=resolve_dtype(dtype, record, device), device=device)
     stream_into(model, directory, names, family)
     if (directory / EXTRA_FILE).is_file() and "smdm" in record:
         _load_extra(model, directory / EXTRA_FILE)
