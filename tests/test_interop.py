@@ -399,3 +399,24 @@ def test_sft_starts_from_a_llada_directory(peers, tmp_path, tokenizer_dir, capsy
     assert tuned.config.mask_token_id == MASK and tuned.meta["objective"] == "mdm"
     x = _ids(seed=9)
     torch.testing.assert_close(tuned.model(x), theirs(x, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_is_token_identical_to_dreams_own_sampler(peers, tmp_path, tokenizer_dir, capsys):
+    # Dream's `_sample` (generation_utils.py) with alg="confidence_threshold" and threshold 0 reveals exactly
+    # gen_length / steps of the most confident masked tokens per step, on logits it shifts itself: low-confidence
+    # remasking in one block. Our sampler runs on the imported (shifted) model.
+    from types import SimpleNamespace
+
+    theirs, directory = _dream(peers, tmp_path, tokenizer_dir, seed=2)
+    model = load_checkpoint(directory).model
+    prompt = _ids(1, 6, seed=5)
+    settings = SimpleNamespace(output_history=False, return_dict_in_generate=False, max_length=6 + 16,
+                               mask_token_id=MASK, steps=8, eps=1e-3, alg="confidence_threshold", alg_temp=None,
+                               temperature=0.0, top_p=None, top_k=None)
+    with torch.no_grad():
+        expected = theirs._sample(prompt, None, settings, lambda step, x, logits: x,
+                                  lambda step, x, logits: logits, threshold=0.0)
+    capsys.readouterr()  # Dream's sampler prints its step count and time
+    ours = generate(model, prompt, 16, steps=8, remasking="low_confidence")
+    assert torch.equal(ours.tokens, expected)
+    assert not (expected == MASK).any()
