@@ -420,3 +420,15 @@ def test_sampling_is_token_identical_to_dreams_own_sampler(peers, tmp_path, toke
     ours = generate(model, prompt, 16, steps=8, remasking="low_confidence")
     assert torch.equal(ours.tokens, expected)
     assert not (expected == MASK).any()
+
+
+def test_bf16_directory_exports_as_bf16_bit_exactly(peers, tmp_path, tokenizer_dir):
+    theirs, directory = _llada(peers, tmp_path, tokenizer_dir)
+    theirs.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    _with_tokenizer(tmp_path / "bf16", tokenizer_dir)
+    out = export_hf(tmp_path / "bf16", tmp_path / "bf16-again")
+    original, exported = load_file(str(tmp_path / "bf16" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert original.keys() == exported.keys()
+    for key in original:
+        assert exported[key].dtype == torch.bfloat16 and torch.equal(exported[key], original[key]), key
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -66,7 +66,8 @@ def _write_tokenizer(tokenizer: Any, directory: Path, block_size: int) -> None:
     record: dict[str, Any] = {}
     if config_path.is_file():
         record = json.loads(config_path.read_text())
-    record.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    record.setdefault("tokenizer_class", "LlamaTokenizer" if tokenizer.backend == "sentencepiece"
+                      else "PreTrainedTokenizerFast")
     record.setdefault("model_max_length", block_size)
     record.setdefault("eos_token", tokenizer.token_text(tokenizer.eos_id))
     if tokenizer.bos_id is not None:
@@ -86,7 +87,8 @@ def export_hf(checkpoint_path: str | Path, out: str | Path, tokenizer_path: str 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SmdmError(f"{out} already exists and is not empty; choose a new --out")
-    checkpoint, tokenizer = load_for_inference(checkpoint_path, tokenizer_path, "cpu")
+    # "auto": a bf16 Hugging Face directory stays bf16 (smdm checkpoints load in the dtype they were saved in)
+    checkpoint, tokenizer = load_for_inference(checkpoint_path, tokenizer_path, "cpu", dtype="auto")
     record, names = _layout(checkpoint)
     state = checkpoint.model.state_dict()
     tensors = gather(state, names)
