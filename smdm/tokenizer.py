@@ -37,6 +37,16 @@ def _sha256_files(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+def _config_token(path: Path, key: str) -> str | None:
+    """The text of a special token named in a tokenizer_config.json (a string or {"content": ...}), if readable."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get(key) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # reported by Tokenizer._with_config
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) else None
+
+
 def _one_line(exc: BaseException) -> str:
     """Collapse a backend exception to one line so SmdmError messages stay one line."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -46,7 +56,8 @@ def _one_line(exc: BaseException) -> str:
 class Tokenizer:
     """Text <-> ids with the ids the model needs (EOS for packing/padding, an extra MASK id) in one place."""
 
-    def __init__(self, path: Path, files: Sequence[Path], backend: str, impl: object) -> None:
+    def __init__(self, path: Path, files: Sequence[Path], backend: str, impl: object,
+                 eos_token: str | None = None) -> None:
         self.path = Path(path)
         self.backend = backend  # "hf" or "sentencepiece"
         self._impl = impl
@@ -68,7 +79,8 @@ class Tokenizer:
             tok = impl
             self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
             vocab = tok.get_vocab(with_added_tokens=True)
-            eos = next((vocab[t] for t in EOS_CANDIDATES if t in vocab), None)
+            # The EOS a tokenizer_config.json names (Llama 3: <|end_of_text|>) before the usual names.
+            eos = next((vocab[t] for t in (eos_token, *EOS_CANDIDATES) if t is not None and t in vocab), None)
             if eos is None:
                 wanted = ", ".join(EOS_CANDIDATES)
                 raise SmdmError(f"{path}: no end-of-document token (one of {wanted}) in the vocabulary")
@@ -111,7 +123,8 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(p))
         except Exception as exc:  # tokenizers raises plain Exception on bad JSON
             raise SmdmError(f"{p}: not a valid HF tokenizer.json ({_one_line(exc)})") from exc
-        return cls(p, [p], "hf", tok)._with_config(p.parent / "tokenizer_config.json")
+        config = p.parent / "tokenizer_config.json"
+        return cls(p, [p], "hf", tok, eos_token=_config_token(config, "eos_token"))._with_config(config)
 
     @classmethod
     def _load_sentencepiece(cls, p: Path) -> Tokenizer:

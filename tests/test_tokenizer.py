@@ -193,3 +193,17 @@ def test_tokenizer_config_names_the_eos_token(tmp_path):
     from smdm.tokenizer import Tokenizer
 
     assert Tokenizer.from_file(tmp_path).eos_id == other
+
+
+def test_eos_named_only_by_tokenizer_config_is_found(tmp_path):
+    # Llama 3's vocabulary has none of the usual EOS names; its tokenizer_config.json names <|end_of_text|>.
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    tok = HFTokenizer(models.WordLevel({"hello": 0, "world": 1, "<|end_of_text|>": 2}, unk_token="hello"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(SmdmError, match="no end-of-document token"):
+        Tokenizer.from_file(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
+    assert Tokenizer.from_file(tmp_path).eos_id == 2
