@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from smdm.errors import SmdmError
-from smdm.interop import EXTRA_FILE
+from smdm.interop.loader import EXTRA_FILE
 from smdm.interop.shards import NameMap, gather
 
 FORMATS = ("hf",)
