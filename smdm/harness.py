@@ -93,10 +93,11 @@ class SmdmLM(LM):
     def _fit(self, prefix: list[int], target: list[int]) -> list[int]:
         """The prefix an ARM or MDM is given: an ARM needs a first token (EOS, the document boundary it was trained
         after); too long a prefix is cut from the left, as lm-eval does for every model."""
-        if self.model.causal and not prefix:
+        needs_context = self.model.causal or self.model.config.shifted  # a shifted MDM (Dream) predicts i from i-1
+        if needs_context and not prefix:
             prefix = [self.tokenizer.eos_id]
         room = self.block_size - len(target)
-        if room < (1 if self.model.causal else 0) or not target:
+        if room < (1 if needs_context else 0) or not target:
             raise SmdmError(f"the continuation has {len(target)} tokens; the model's context is {self.block_size}"
                             + (" (an ARM also needs one context token)" if self.model.causal else ""))
         return prefix[max(0, len(prefix) - room):]

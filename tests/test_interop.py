@@ -432,3 +432,18 @@ def test_bf16_directory_exports_as_bf16_bit_exactly(peers, tmp_path, tokenizer_d
     for key in original:
         assert exported[key].dtype == torch.bfloat16 and torch.equal(exported[key], original[key]), key
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_lm_eval_model_scores_with_a_dream_directory(peers, tmp_path, tokenizer_dir):
+    # The lm-eval adapter on an imported shifted MDM: an empty context is conditioned on EOS (as for an ARM), and
+    # the score equals the library's Monte-Carlo bound on the same (prefix, target).
+    pytest.importorskip("lm_eval")
+    from smdm.harness import SmdmLM
+    from smdm.likelihood import score
+
+    _, directory = _dream(peers, tmp_path, tokenizer_dir)
+    lm = SmdmLM(checkpoint=str(directory), device="cpu", mc_samples=8, batch_size=8)
+    prefix, target = lm.scoring_pair("", "the cat sat")
+    assert prefix == [lm.tokenizer.eos_id] and target
+    expected = score(lm.model, prefix, target, method="mc", mc_samples=8, batch_size=8, seed=0).nll
+    assert lm.loglikelihood_pair("", "the cat sat")[0] == pytest.approx(-expected)
