@@ -447,3 +447,15 @@ def test_lm_eval_model_scores_with_a_dream_directory(peers, tmp_path, tokenizer_
     assert prefix == [lm.tokenizer.eos_id] and target
     expected = score(lm.model, prefix, target, method="mc", mc_samples=8, batch_size=8, seed=0).nll
     assert lm.loglikelihood_pair("", "the cat sat")[0] == pytest.approx(-expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_decoding_of_an_imported_arm_matches_transformers_generate(family, tmp_path, tokenizer_dir):
+    theirs, directory = _hf_causal(family, tmp_path, tokenizer_dir, tie=family == "qwen2")
+    model = load_checkpoint(directory).model
+    prompt = _ids(1, 5, seed=11)
+    with _plain_transformers():
+        expected = theirs.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                                   pad_token_id=0, eos_token_id=None)
+    for cache in ("kv", "none"):
+        assert torch.equal(generate(model, prompt, 12, cache=cache).tokens, expected)
