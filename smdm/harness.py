@@ -35,6 +35,7 @@ class HarnessConfig:
     checkpoint: str
     tokenizer: str | None = None
     device: str = "auto"
+    dtype: str | None = None  # Hugging Face directories: fp32 | bf16 | auto (default: fp32 on CPU, auto on a GPU)
     nll_type: str = "mc"  # MDM scoring: Monte-Carlo bound ("mc") or exact left-to-right chain rule ("chain")
     mc_samples: int = 128
     batch_size: int = 32  # MC draws (or chain-rule rows) per forward pass; prompts per generation batch
@@ -71,7 +72,8 @@ class SmdmLM(LM):
         self.config = HarnessConfig(checkpoint=str(checkpoint), **options)
         from smdm.checkpoint import load_for_inference
 
-        loaded, self.tokenizer = load_for_inference(self.config.checkpoint, self.config.tokenizer, self.config.device)
+        c = self.config
+        loaded, self.tokenizer = load_for_inference(c.checkpoint, c.tokenizer, c.device, c.dtype)
         self.model = loaded.model
         self.block_size = loaded.config.block_size
         self._device = self.model.lm_head.weight.device

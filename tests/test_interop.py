@@ -447,6 +447,8 @@ def test_lm_eval_model_scores_with_a_dream_directory(peers, tmp_path, tokenizer_
     assert prefix == [lm.tokenizer.eos_id] and target
     expected = score(lm.model, prefix, target, method="mc", mc_samples=8, batch_size=8, seed=0).nll
     assert lm.loglikelihood_pair("", "the cat sat")[0] == pytest.approx(-expected)
+    half = SmdmLM(checkpoint=str(directory), device="cpu", dtype="bf16")
+    assert half.model.embed.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
