@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO_ROOT, TOY_TEXT, assert_one_line_error, run_cli
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO_ROOT, TOY_TEXT, assert_one_line_error, run_cli
 from smdm.checkpoint import load_checkpoint, load_for_inference, save_checkpoint
 from smdm.config import ModelConfig
 from smdm.errors import SmdmError
@@ -28,7 +28,7 @@ from smdm.sample import generate
 
 REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 ROWS, MASK = 320, 310  # embedding rows of the tiny foreign models; [MASK] inside them, as in LLaDA / Dream
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
@@ -90,11 +90,11 @@ def _peer_load(config_cls, model_cls, directory: Path) -> torch.nn.Module:
 
 def _llada(peers, tmp_path, tokenizer_dir, seed=0, **overrides) -> tuple[torch.nn.Module, Path]:
     config_cls, model_cls = peers[0], peers[1]
-    options = dict(d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=96, vocab_size=ROWS,
-                   embedding_size=ROWS, mask_token_id=MASK, block_type="llama", activation_type="silu",
-                   layer_norm_type="rms", rope=True, rope_theta=500000.0, weight_tying=False, include_bias=False,
-                   max_sequence_length=128, rms_norm_eps=1e-5, attention_dropout=0.0, residual_dropout=0.0,
-                   embedding_dropout=0.0, eos_token_id=0, pad_token_id=0)
+    options = {"d_model": 64, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2, "mlp_hidden_size": 96, "vocab_size": ROWS,
+                   "embedding_size": ROWS, "mask_token_id": MASK, "block_type": "llama", "activation_type": "silu",
+                   "layer_norm_type": "rms", "rope": True, "rope_theta": 500000.0, "weight_tying": False, "include_bias": False,
+                   "max_sequence_length": 128, "rms_norm_eps": 1e-5, "attention_dropout": 0.0, "residual_dropout": 0.0,
+                   "embedding_dropout": 0.0, "eos_token_id": 0, "pad_token_id": 0}
     options.update(overrides)
     model = model_cls(config_cls(**options), init_params=True)
     _randomize(model, seed)
@@ -182,14 +182,15 @@ def test_dream_imports_as_a_shifted_mdm_whose_logit_i_predicts_token_i(peers, tm
 
 def test_bf16_is_kept_when_asked(peers, tmp_path, tokenizer_dir):
     theirs, directory = _llada(peers, tmp_path, tokenizer_dir)
-    checkpoint = load_checkpoint(directory, dtype="bf16")
+    checkpoint = load_model_dir(directory, dtype="bf16")
     assert all(p.dtype == torch.bfloat16 for p in checkpoint.model.parameters())
+    assert load_checkpoint(directory, dtype="auto").model.embed.weight.dtype == torch.float32  # as saved
     expected = theirs.state_dict()["model.transformer.blocks.1.up_proj.weight"].to(torch.bfloat16)
     assert torch.equal(checkpoint.model.blocks[1].mlp.gate_up.weight[96:], expected)
 
 
 def test_sharded_checkpoint_streams_every_shard(tmp_path, tokenizer_dir):
-    theirs, directory = _hf_causal("llama", tmp_path, tokenizer_dir)
+    theirs, _directory = _hf_causal("llama", tmp_path, tokenizer_dir)
     sharded = tmp_path / "sharded"
     theirs.save_pretrained(sharded, max_shard_size="40KB")
     assert len(list(sharded.glob("*.safetensors"))) > 2
@@ -256,7 +257,7 @@ def test_arm_exports_to_a_plain_transformers_model_and_round_trips_bit_exactly(o
     transformers = pytest.importorskip("transformers")
     source = _smdm_checkpoint(tmp_path, tokenizer_dir, "arm", **overrides)
     out = tmp_path / "hf"
-    code, stdout, err = run_cli(capsys, "export", "--checkpoint", str(source), "--format", "hf", "--out", str(out))
+    code, _stdout, err = run_cli(capsys, "export", "--checkpoint", str(source), "--format", "hf", "--out", str(out))
     assert code == 0, err
     record = json.loads((out / "config.json").read_text())
     assert record["architectures"] == ["Qwen2ForCausalLM" if overrides else "LlamaForCausalLM"]
@@ -391,7 +392,7 @@ def test_sft_starts_from_a_llada_directory(peers, tmp_path, tokenizer_dir, capsy
     data.write_text("".join(json.dumps({"prompt": f"the cat {i}", "completion": " sat on the mat"}) + "\n"
                             for i in range(8)))
     capsys.readouterr()
-    code, stdout, err = run_cli(capsys, "sft", "--data", str(data), "--init-from", str(directory), "--out",
+    code, _stdout, err = run_cli(capsys, "sft", "--data", str(data), "--init-from", str(directory), "--out",
                                 str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--lr", "1e-12",
                                 "--warmup-steps", "0", "--val-fraction", "0", "--no-progress", "--threads", "1")
     assert code == 0, err
@@ -423,7 +424,7 @@ def test_sampling_is_token_identical_to_dreams_own_sampler(peers, tmp_path, toke
 
 
 def test_bf16_directory_exports_as_bf16_bit_exactly(peers, tmp_path, tokenizer_dir):
-    theirs, directory = _llada(peers, tmp_path, tokenizer_dir)
+    theirs, _directory = _llada(peers, tmp_path, tokenizer_dir)
     theirs.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     _with_tokenizer(tmp_path / "bf16", tokenizer_dir)
     out = export_hf(tmp_path / "bf16", tmp_path / "bf16-again")

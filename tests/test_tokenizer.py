@@ -151,7 +151,7 @@ QWEN_STYLE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
 
 
-def _bpe_dir(tmp_path, config: dict | None) -> "Tokenizer":
+def _bpe_dir(tmp_path, config: dict | None) -> Tokenizer:
     from smdm.tokenizer import Tokenizer, train_bpe
 
     train_bpe(["the cat sat on the mat <|im_end|>"] * 4, 270, tmp_path / "tokenizer.json")

@@ -162,6 +162,17 @@ def stream_into(model: Transformer, directory: Path, names: NameMap, family: str
         raise SmdmError(f"{directory}: tensor {missing[0]!r}{more} is missing from the weights")
 
 
+def scatter(foreign: Mapping[str, torch.Tensor], names: NameMap) -> dict[str, torch.Tensor]:
+    """Foreign tensors (in memory) as our state dict: the inverse of `gather`; sliced slots must tile their tensor."""
+    parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for key, slot in names.items():
+        tensor = foreign[key]
+        rows = tensor.shape[0] - slot.padding
+        parts.setdefault(slot.name, []).append((slot.start, tensor[:rows] if slot.padding else tensor))
+    return {name: torch.cat([t for _, t in sorted(pieces, key=lambda p: p[0])]).contiguous() if len(pieces) > 1
+            else pieces[0][1] for name, pieces in parts.items()}
+
+
 def gather(state: Mapping[str, torch.Tensor], names: NameMap) -> dict[str, torch.Tensor]:
     """Our state dict as foreign tensors (the inverse of `stream_into`), each contiguous, padding rows zero."""
     out: dict[str, torch.Tensor] = {}
