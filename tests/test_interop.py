@@ -462,3 +462,21 @@ def test_greedy_decoding_of_an_imported_arm_matches_transformers_generate(family
                                    pad_token_id=0, eos_token_id=None)
     for cache in ("kv", "none"):
         assert torch.equal(generate(model, prompt, 12, cache=cache).tokens, expected)
+
+
+def test_chain_rule_likelihood_of_dream_matches_its_network_with_the_shift(peers, tmp_path, tokenizer_dir):
+    # -log p(target | prefix) revealing left to right, computed by hand on Dream's own network (logits shifted as
+    # its sampler shifts them) equals smdm's chain-rule score on the imported model.
+    from smdm.likelihood import chain_rule_score
+
+    theirs, directory = _dream(peers, tmp_path, tokenizer_dir, seed=4)
+    model = load_checkpoint(directory).model
+    prefix, target = [5, 17, 42], [7, 99, 3, 250]
+    expected = 0.0
+    with torch.no_grad():
+        for k in range(len(target)):
+            x = torch.tensor([prefix + target[:k] + [MASK] * (len(target) - k)])
+            logits = theirs(x).logits
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+            expected -= torch.log_softmax(logits[0, len(prefix) + k].double(), -1)[target[k]].item()
+    assert chain_rule_score(model, prefix, target).nll == pytest.approx(expected, rel=1e-5)
