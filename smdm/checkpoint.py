@@ -109,7 +109,7 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         if not candidate.exists() and leftovers and (leftovers[-1] / CONFIG_FILE).is_file():
             os.replace(leftovers[-1], candidate)  # killed between the two renames of atomic_replace_dir
             return candidate
-    raise SmdmError(f"{path}: no smdm checkpoint here (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
+    raise SmdmError(f"{path}: no smdm checkpoint or Hugging Face model here (expected {CONFIG_FILE} and weights)")
 
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
@@ -126,8 +126,16 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", with_train_state: bool = False,
-                    verify: bool = True) -> Checkpoint:
-    """Load a checkpoint (directory or run directory) into a ready model in eval mode."""
+                    verify: bool = True, dtype: str | torch.dtype | None = None) -> Checkpoint:
+    """Load a checkpoint (directory or run directory) into a ready model in eval mode.
+
+    A Hugging Face model directory (Llama, Qwen2, LLaDA, Dream) is imported instead (`smdm.interop.load_model_dir`),
+    so every command taking a checkpoint takes one; `dtype` applies to those ("auto" keeps the stored dtype).
+    """
+    from smdm.interop import is_model_dir, load_model_dir
+
+    if is_model_dir(path):
+        return load_model_dir(path, dtype=dtype, device=device)
     directory = resolve_checkpoint_dir(path)
     record = read_checkpoint_meta(directory)
     config = ModelConfig.from_dict(record["model"])
@@ -168,16 +176,25 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
     model.load_state_dict(weights)
 
 
-def load_for_inference(path: str | Path, tokenizer_path: str | Path | None = None, device: str = "auto"):
-    """A checkpoint on its device and its tokenizer, checked against each other: what every inference command needs."""
+def load_for_inference(path: str | Path, tokenizer_path: str | Path | None = None, device: str = "auto",
+                       dtype: str | torch.dtype | None = None):
+    """A checkpoint on its device and its tokenizer, checked against each other: what every inference command needs.
+
+    `path` is an smdm checkpoint or a Hugging Face model directory (its tokenizer read from the directory).
+    """
     from smdm.distributed import resolve_device
     from smdm.tokenizer import Tokenizer
 
-    checkpoint = load_checkpoint(path, device=resolve_device(device))
+    checkpoint = load_checkpoint(path, device=resolve_device(device), dtype=dtype)
     source = tokenizer_path or checkpoint.tokenizer_path
     if source is None:
         raise SmdmError(f"{path}: no tokenizer stored with the checkpoint; pass --tokenizer")
     tokenizer = Tokenizer.from_file(source)
+    if "source" in checkpoint.meta:  # imported: embeddings are often padded past the tokenizer (LLaDA: 126464 rows)
+        if tokenizer.vocab_size > checkpoint.config.vocab_size:
+            raise SmdmError(f"tokenizer {source} has {tokenizer.vocab_size} tokens, more than the model's "
+                            f"{checkpoint.config.vocab_size} embedding rows")
+        return checkpoint, tokenizer
     if tokenizer.vocab_size != checkpoint.config.vocab_size:
         raise SmdmError(f"tokenizer {source} has {tokenizer.vocab_size} tokens but the model expects "
                         f"{checkpoint.config.vocab_size}")

@@ -24,6 +24,7 @@ from smdm.cli_types import (
     positive_int,
 )
 from smdm.errors import SmdmError
+from smdm.interop.cli import add_parser as add_export_parser
 from smdm.sweep_cli import add_scale_parser
 from smdm.tasks.cli import add_eval_parser, add_task_parsers
 
@@ -179,7 +180,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from smdm.sample import SamplerSettings, generate_texts, read_prompts_file
 
     prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
-    checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype)
 
     def show(first: int, step: int, tokens, width: int) -> None:  # [MASK] shows where tokens are still hidden
         for row in range(tokens.size(0)):
@@ -203,7 +204,7 @@ def cmd_likelihood(args: argparse.Namespace) -> None:
     from smdm.checkpoint import load_for_inference
     from smdm.likelihood import score_text
 
-    checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype)
     print(json.dumps(score_text(checkpoint.model, tokenizer, args.text, args.prefix, method=args.method,
                                 cfg_scale=args.cfg_scale, mc_samples=args.mc_samples, seed=args.seed)))
 
@@ -211,7 +212,7 @@ def cmd_likelihood(args: argparse.Namespace) -> None:
 def cmd_perplexity(args: argparse.Namespace) -> None:
     from smdm.tasks.temporal import load_checkpoints, parse_corpus_spec, temporal_study, write_report
 
-    checkpoints, tokenizer = load_checkpoints(args.checkpoint, args.tokenizer, args.device)
+    checkpoints, tokenizer = load_checkpoints(args.checkpoint, args.tokenizer, args.device, args.dtype)
     corpora = dict(parse_corpus_spec(spec) for spec in args.corpus)
     rows = temporal_study(checkpoints, tokenizer, corpora, args.seq_len, args.max_blocks, args.mc_samples)
     for path in write_report(rows, Path(args.out)):
@@ -356,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--x", choices=["steps", "tokens", "flops"], default="steps", help="the horizontal axis")
     p.set_defaults(func=cmd_plot)
+
+    add_export_parser(sub)
 
     p = sub.add_parser("configs", help="list the named model configs")
     p.set_defaults(func=cmd_configs)

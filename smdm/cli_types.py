@@ -76,6 +76,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     """--seed, --device, --threads, --no-progress: what every command that runs a model takes."""
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=None,
+                   help="weights for inference (default fp32 on CPU; a Hugging Face directory keeps its stored dtype "
+                        "with auto)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: see README, Threads)")
     p.add_argument("--no-progress", action="store_true")
 

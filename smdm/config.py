@@ -15,7 +15,18 @@ from smdm.errors import SmdmError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a LLaMA-style Transformer. `vocab_size` excludes [MASK]: the embedding has vocab_size + 1 rows."""
+    """Shape of a LLaMA-style Transformer.
+
+    By default (smdm's own models) `vocab_size` excludes [MASK]: the embedding has vocab_size + 1 rows, id vocab_size is
+    [MASK], and the head predicts vocab_size tokens. The knobs below let imported architectures load unchanged; their
+    defaults reproduce that model exactly:
+    - `mask_token_id`: [MASK] is this id *inside* the vocabulary; embedding and head both have vocab_size rows
+      (LLaDA: 126336 in a 126464-row embedding; Dream: 151666 in 152064 rows);
+    - `qkv_bias`: biases on the query/key/value projections (Qwen2, Dream);
+    - `tie_embeddings`: the head reuses the embedding matrix (small Qwen2 models);
+    - `shifted`: the network's output at position i predicts token i+1, as in MDMs adapted from an ARM (Dream,
+      DiffuLLaMA). The Transformer un-shifts it, so its logits at i always predict token i (see `Transformer.forward`).
+    """
 
     name: str = "custom"
     block_size: int = 2048
@@ -27,6 +38,10 @@ class ModelConfig:
     intermediate_size: int | None = None  # SwiGLU hidden size; None means 4 * n_embd
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
+    mask_token_id: int | None = None  # None: [MASK] is the extra row vocab_size
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    shifted: bool = False
 
     def __post_init__(self) -> None:
         if self.n_query_groups is None:
@@ -39,6 +54,9 @@ class ModelConfig:
             raise SmdmError(f"config {self.name}: n_head {self.n_head} is not divisible by n_query_groups {self.n_query_groups}")
         if min(self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd) < 1:
             raise SmdmError(f"config {self.name}: sizes must be positive")
+        if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
+            raise SmdmError(f"config {self.name}: mask_token_id {self.mask_token_id} lies outside the vocabulary "
+                            f"[0, {self.vocab_size})")
 
     @property
     def head_size(self) -> int:
@@ -46,8 +64,13 @@ class ModelConfig:
 
     @property
     def mask_id(self) -> int:
-        """Id of [MASK]: the one embedding row past the tokenizer's vocabulary."""
-        return self.vocab_size
+        """Id of [MASK]: `mask_token_id`, or by default the one embedding row past the tokenizer's vocabulary."""
+        return self.vocab_size if self.mask_token_id is None else self.mask_token_id
+
+    @property
+    def embedding_rows(self) -> int:
+        """Rows of the token embedding: vocab_size, plus one for [MASK] unless it lies inside the vocabulary."""
+        return self.vocab_size + 1 if self.mask_token_id is None else self.vocab_size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,14 +96,17 @@ def non_embedding_params(config: ModelConfig) -> int:
     """Parameters outside the token embedding and the output head: the N of the paper's C = 6·N·D."""
     d, hs = config.n_embd, config.head_size
     attention = d * (config.n_head + 2 * config.n_query_groups) * hs + config.n_head * hs * d
+    if config.qkv_bias:
+        attention += (config.n_head + 2 * config.n_query_groups) * hs
     mlp = 3 * d * config.intermediate_size
     norms = 2 * d
     return config.n_layer * (attention + mlp + norms) + d  # + final norm
 
 
 def total_params(config: ModelConfig) -> int:
-    """All parameters: non-embedding plus the (vocab+1)-row embedding and the vocab-row output head."""
-    return non_embedding_params(config) + (2 * config.vocab_size + 1) * config.n_embd
+    """All parameters: non-embedding plus the embedding and the vocab-row output head (unless tied)."""
+    head = 0 if config.tie_embeddings else config.vocab_size
+    return non_embedding_params(config) + (config.embedding_rows + head) * config.n_embd
 
 
 # (layers, heads, width, SwiGLU hidden) of the paper's models, keyed by non-embedding size in millions.

@@ -8,7 +8,8 @@ Two foreign layouts are supported:
   Ours is [all q heads | all k heads | all v heads]; both use query head j -> kv head j // q_per_kv.
   Its SwiGLU (xformers) computes w3(silu(w1 x) * w2 x): w1 = gate, w2 = up, w3 = down. Its RoPE is rotate-half
   (flash-attn's non-interleaved rotary), like ours, so q/k rows need no permutation.
-* HF transformers `LlamaForCausalLM`: separate q/k/v/o and gate/up/down projections, rotate-half RoPE as well.
+* HF transformers `LlamaForCausalLM`: separate q/k/v/o and gate/up/down projections, rotate-half RoPE as well
+  (in-memory state dicts here; whole Hugging Face directories, Qwen2, LLaDA and Dream in `smdm.interop`).
 """
 
 from __future__ import annotations
@@ -148,18 +149,17 @@ def _smdm_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], ...]]:
     return shapes
 
 
-# Tensors that only change name: (ours, ML-GSAI/SMDM, HF Llama); "{i}" is the layer index. The rest (embedding,
-# fused QKV, fused gate/up) need a re-layout and are handled by each converter.
-_RENAMES: tuple[tuple[str, str, str], ...] = (
-    ("blocks.{i}.attn_norm.weight", "transformer.h.{i}.norm_1.weight", "model.layers.{i}.input_layernorm.weight"),
-    ("blocks.{i}.attn.proj.weight", "transformer.h.{i}.attn.proj.weight", "model.layers.{i}.self_attn.o_proj.weight"),
-    ("blocks.{i}.mlp_norm.weight", "transformer.h.{i}.norm_2.weight",
-     "model.layers.{i}.post_attention_layernorm.weight"),
-    ("blocks.{i}.mlp.down.weight", "transformer.h.{i}.mlp.swiglu.w3.weight", "model.layers.{i}.mlp.down_proj.weight"),
-    ("norm.weight", "transformer.ln_f.weight", "model.norm.weight"),
-    ("lm_head.weight", "lm_head.weight", "lm_head.weight"),
+# Tensors that only change name: (ours, ML-GSAI/SMDM); "{i}" is the layer index. The rest (embedding, fused QKV,
+# fused gate/up) need a re-layout. The HF names live in smdm.interop.hf (one table for import, export and these).
+_RENAMES: tuple[tuple[str, str], ...] = (
+    ("blocks.{i}.attn_norm.weight", "transformer.h.{i}.norm_1.weight"),
+    ("blocks.{i}.attn.proj.weight", "transformer.h.{i}.attn.proj.weight"),
+    ("blocks.{i}.mlp_norm.weight", "transformer.h.{i}.norm_2.weight"),
+    ("blocks.{i}.mlp.down.weight", "transformer.h.{i}.mlp.swiglu.w3.weight"),
+    ("norm.weight", "transformer.ln_f.weight"),
+    ("lm_head.weight", "lm_head.weight"),
 )
-_OURS, _SMDM, _HF = 0, 1, 2
+_OURS, _SMDM = 0, 1
 
 
 def _renamed(sd: Mapping[str, Tensor], config: ModelConfig, source: int, target: int) -> dict[str, Tensor]:
@@ -224,7 +224,14 @@ def _hf_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], ...]]:
 
 
 def hf_llama_state_dict_to_ours(sd: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """Convert a HF `LlamaForCausalLM` state dict to ours, so LLaMA-format weights can start an ARM or an MDM."""
+    """Convert a HF `LlamaForCausalLM` state dict to ours, so LLaMA-format weights can start an ARM or an MDM.
+
+    In memory and strictly validated; the tensor names come from `smdm.interop.hf.hf_names`, the table the
+    directory import (`smdm.interop`) streams shards with.
+    """
+    from smdm.interop.hf import hf_names
+    from smdm.interop.shards import scatter
+
     what = "a HF Llama checkpoint"
     sd = _unwrap(sd, what, config)
     # Old transformers versions saved the RoPE frequencies; they are recomputed from the config here.
@@ -232,36 +239,19 @@ def hf_llama_state_dict_to_ours(sd: Mapping[str, Tensor], config: ModelConfig) -
     if "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:  # tied embeddings are saved once
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"][: config.vocab_size]
     _check_keys(sd, _hf_shapes(config), what, config)
-    out = {"embed.weight": _with_mask_row(sd["model.embed_tokens.weight"], config)}
-    out.update(_renamed(sd, config, _HF, _OURS))
-    for i in range(config.n_layer):
-        src, dst = f"model.layers.{i}.", f"blocks.{i}."
-        out[dst + "attn.qkv.weight"] = torch.cat(
-            [sd[src + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")], dim=0
-        )
-        out[dst + "mlp.gate_up.weight"] = torch.cat(
-            (sd[src + "mlp.gate_proj.weight"], sd[src + "mlp.up_proj.weight"]), dim=0
-        )
-    return out
+    embed = _with_mask_row(sd.pop("model.embed_tokens.weight"), config)
+    names = {k: v for k, v in hf_names(config).items() if k != "model.embed_tokens.weight"}
+    return {"embed.weight": embed, **scatter(sd, names)}
 
 
 def ours_to_hf_llama_state_dict(sd: Mapping[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
     """Export our weights as a HF `LlamaForCausalLM` state dict (the [MASK] row is dropped: HF has no such token)."""
+    from smdm.interop.hf import hf_names
+    from smdm.interop.shards import gather
+
     sd = _unwrap(sd, "an smdm model state dict", config)
     _check_ours(sd, config)
-    hs = config.head_size
-    out = {"model.embed_tokens.weight": sd["embed.weight"][: config.vocab_size].contiguous()}
-    out.update(_renamed(sd, config, _OURS, _HF))
-    for i in range(config.n_layer):
-        src, dst = f"blocks.{i}.", f"model.layers.{i}."
-        q, k, v = sd[src + "attn.qkv.weight"].split(
-            (config.n_head * hs, config.n_query_groups * hs, config.n_query_groups * hs), dim=0
-        )
-        gate, up = sd[src + "mlp.gate_up.weight"].split(config.intermediate_size, dim=0)
-        for name, tensor in (("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v),
-                             ("mlp.gate_proj", gate), ("mlp.up_proj", up)):
-            out[dst + name + ".weight"] = tensor.contiguous()
-    return out
+    return gather(sd, hf_names(config))
 
 
 def hf_llama_config(config: ModelConfig, **overrides: Any) -> LlamaConfig:

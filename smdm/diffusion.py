@@ -57,6 +57,19 @@ def arm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+def predicted_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Where masking may happen: everywhere (None), except position 0 of a shifted MDM (Dream), whose network has no
+    output predicting token 0 (its logit i predicts token i+1; Dream's training never masks the first token)."""
+    inner = model
+    while hasattr(inner, "module"):  # DDP and similar wrappers hide the model's attributes
+        inner = inner.module
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
+    config = getattr(inner, "config", None)
+    if not getattr(config, "shifted", False):
+        return None
+    return (torch.arange(tokens.size(1), device=tokens.device) >= 1)[None, :].expand_as(tokens)
+
+
 def mdm_step_loss(model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator | None = None,
                   low_discrepancy: bool = False, eps: float = MASK_EPS, mask_id: int | None = None) -> torch.Tensor:
     """One Monte-Carlo draw of the MDM loss for a batch of clean token blocks.
@@ -65,7 +78,8 @@ def mdm_step_loss(model: torch.nn.Module, tokens: torch.Tensor, generator: torch
     """
     t = sample_times(tokens.size(0), generator, low_discrepancy)
     mask_prob = mask_probability(t, eps)
-    noisy, masked = forward_process(tokens, mask_prob, model.mask_id if mask_id is None else mask_id, generator)
+    noisy, masked = forward_process(tokens, mask_prob, model.mask_id if mask_id is None else mask_id, generator,
+                                    maskable=predicted_positions(model, tokens))
     # Only masked positions carry loss, so the output head runs only there (same value and gradients).
     return masked_weighted_ce(model(noisy, select=masked), tokens, masked, mask_prob) / tokens.numel()
 
@@ -111,6 +125,9 @@ def mdm_sft_step_loss(model: torch.nn.Module, tokens: torch.Tensor, prompt_lengt
     batch, length = tokens.shape
     prompt_lengths = prompt_lengths.to(tokens.device)
     response = response_positions(prompt_lengths, length)
+    shifted = predicted_positions(model, tokens)
+    if shifted is not None:
+        response = response & shifted
     t = sample_times(batch, generator, low_discrepancy)
     mask_prob = mask_probability(t, eps)
     noisy, masked = forward_process(tokens, mask_prob, mask_id, generator, maskable=response)

@@ -11,6 +11,7 @@ from smdm.checkpoint import read_checkpoint_meta, resolve_checkpoint_dir
 from smdm.config import ModelConfig
 from smdm.data.sft import SFTConfig, is_sft_data, prepare_sft
 from smdm.errors import SmdmError
+from smdm.interop import is_model_dir, model_dir_config
 from smdm.tokenizer import Tokenizer
 from smdm.train import TrainConfig, train
 
@@ -21,6 +22,8 @@ def resolve_tokenizer(tokenizer: str | Path | None, init_from: str | Path | None
     """The tokenizer given, else the copy stored with the starting checkpoint."""
     if tokenizer is not None:
         return Tokenizer.from_file(tokenizer)
+    if init_from is not None and is_model_dir(init_from):  # a Hugging Face directory: its tokenizer files
+        return Tokenizer.from_file(init_from)
     if init_from is not None:  # metadata only: the weights are loaded once, by the training loop
         name = read_checkpoint_meta(init_from).get("tokenizer", {}).get("file")
         path = resolve_checkpoint_dir(init_from) / name if name else None
@@ -66,6 +69,8 @@ def read_sft_settings(run_dir: str | Path) -> dict[str, Any]:
 
 
 def _block_size(config: TrainConfig) -> int:
+    if config.init_from and is_model_dir(config.init_from):
+        return model_dir_config(config.init_from).block_size
     if config.init_from:
         return int(read_checkpoint_meta(config.init_from)["model"]["block_size"])
     return ModelConfig.from_name(config.model, vocab_size=2).block_size

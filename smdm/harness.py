@@ -37,6 +37,7 @@ class HarnessConfig:
     checkpoint: str
     tokenizer: str | None = None
     device: str = "auto"
+    dtype: str | None = None  # Hugging Face directories: fp32 | bf16 | auto (default: fp32 on CPU, auto on a GPU)
     nll_type: str = "mc"  # MDM scoring: Monte-Carlo bound ("mc") or exact left-to-right chain rule ("chain")
     mc_samples: int = 128
     batch_size: int = 32  # MC draws (or chain-rule rows) per forward pass; prompts per generation batch
@@ -76,7 +77,8 @@ class SmdmLM(LM):
         self.config = HarnessConfig.from_model_args(str(checkpoint), **options)
         from smdm.checkpoint import load_for_inference
 
-        loaded, self.tokenizer = load_for_inference(self.config.checkpoint, self.config.tokenizer, self.config.device)
+        c = self.config
+        loaded, self.tokenizer = load_for_inference(c.checkpoint, c.tokenizer, c.device, c.dtype)
         self.model = loaded.model
         self.block_size = loaded.config.block_size
         self._device = self.model.lm_head.weight.device
@@ -98,10 +100,11 @@ class SmdmLM(LM):
     def _fit(self, prefix: list[int], target: list[int]) -> list[int]:
         """The prefix an ARM or MDM is given: an ARM needs a first token (EOS, the document boundary it was trained
         after); too long a prefix is cut from the left, as lm-eval does for every model."""
-        if self.model.causal and not prefix:
+        needs_context = self.model.causal or self.model.config.shifted  # a shifted MDM (Dream) predicts i from i-1
+        if needs_context and not prefix:
             prefix = [self.tokenizer.eos_id]
         room = self.block_size - len(target)
-        if room < (1 if self.model.causal else 0) or not target:
+        if room < (1 if needs_context else 0) or not target:
             raise SmdmError(f"the continuation has {len(target)} tokens; the model's context is {self.block_size}"
                             + (" (an ARM also needs one context token)" if self.model.causal else ""))
         return prefix[max(0, len(prefix) - room):]

@@ -47,6 +47,8 @@ class ScoreResult(NamedTuple):
 def _check_pair(model: Transformer, prefix: list[int], target: list[int]) -> None:
     if not target:
         raise SmdmError("the target to score is empty")
+    if not prefix and getattr(model.config, "shifted", False):
+        raise SmdmError("a shifted MDM (Dream-style) predicts token i from position i-1: give a non-empty prefix")
     if len(prefix) + len(target) > model.config.block_size:
         raise SmdmError(f"prefix ({len(prefix)}) + target ({len(target)}) tokens exceed the block size "
                         f"{model.config.block_size}")

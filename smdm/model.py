@@ -1,8 +1,10 @@
 """A LLaMA-style Transformer used two ways: bidirectional (masked diffusion) and causal (autoregressive).
 
 RMSNorm, rotary position embeddings (rotate-half convention of GPT-NeoX / lit-gpt / HF Llama), SwiGLU,
-grouped-query attention through `F.scaled_dot_product_attention`, no biases, untied output head.
-The embedding has `vocab_size + 1` rows: id `vocab_size` is [MASK]; the head predicts only real tokens.
+grouped-query attention through `F.scaled_dot_product_attention`; by default no biases and an untied output head.
+By default the embedding has `vocab_size + 1` rows: id `vocab_size` is [MASK]; the head predicts only real tokens.
+ModelConfig's knobs for imported architectures (mask id inside the vocabulary, q/k/v biases, tied head, shifted
+predictions) change only what they name; with their defaults the model is exactly smdm's own.
 A causal model can decode with a KV cache. Batches of different lengths are left-padded: `positions` gives each
 row its own RoPE positions and `key_mask` hides the pad columns, so a padded row computes what it would alone.
 A bidirectional model can reuse the keys/values of the columns outside a recomputed window (`WindowCache`).
@@ -101,6 +103,9 @@ class WindowCache:
             raise SmdmError(f"window [{start}, {end}) is empty or negative")
         self.start, self.end = start, end
         self.layers = [WindowKV(start, end) for _ in range(n_layer)]
+        # A shifted model's logits at `start` come from the hidden state at start - 1, outside the window: recorded
+        # by the whole-sequence pass like the keys/values (the same approximation).
+        self.shift_carry: torch.Tensor | None = None
 
     @property
     def recorded(self) -> bool:
@@ -142,7 +147,7 @@ class Attention(nn.Module):
         self.n_head = config.n_head
         self.n_kv = config.n_query_groups
         self.head_size = config.head_size
-        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.head_size, bias=False)
+        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.head_size, bias=config.qkv_bias)
         self.proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=False)
         self.kv_cache: KVCache | None = None
 
@@ -151,10 +156,13 @@ class Attention(nn.Module):
                 window: WindowKV | None = None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         # Split the fused weight, not the fused output: the output's strided views cost a gradient concat in backward.
-        wq, wk, wv = self.qkv.weight.split(
-            [self.n_head * self.head_size, self.n_kv * self.head_size, self.n_kv * self.head_size], dim=0
-        )
-        q, k, v = F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)
+        sizes = [self.n_head * self.head_size, self.n_kv * self.head_size, self.n_kv * self.head_size]
+        wq, wk, wv = self.qkv.weight.split(sizes, dim=0)
+        if self.qkv.bias is None:
+            q, k, v = F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)
+        else:  # Qwen2 / Dream
+            bq, bk, bv = self.qkv.bias.split(sizes, dim=0)
+            q, k, v = F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)
         q = q.view(batch, seq_len, self.n_head, self.head_size).transpose(1, 2)
         k = k.view(batch, seq_len, self.n_kv, self.head_size).transpose(1, 2)
         v = v.view(batch, seq_len, self.n_kv, self.head_size).transpose(1, 2)
@@ -205,17 +213,38 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class TiedHead(nn.Module):
+    """Output head that reuses the first `rows` rows of the token embedding (tied weights): no parameter of its own,
+    so the matrix is stored, trained and saved once, under `embed.weight`."""
+
+    def __init__(self, embed: nn.Embedding, rows: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "_embed", embed)  # a plain reference, not a submodule: no second state-dict key
+        self.rows = rows
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embed.weight[: self.rows]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class Transformer(nn.Module):
     """The whole network. `causal=False` gives the MDM's bidirectional mask predictor, `causal=True` an ARM."""
 
     def __init__(self, config: ModelConfig, causal: bool = False) -> None:
         super().__init__()
+        if causal and config.shifted:
+            raise SmdmError("a shifted model (logit i predicts token i+1) is an MDM adapted from an ARM; "
+                            "load it bidirectional")
         self.config = config
         self.causal = causal
-        self.embed = nn.Embedding(config.vocab_size + 1, config.n_embd)  # + [MASK]
+        self.embed = nn.Embedding(config.embedding_rows, config.n_embd)  # + [MASK] unless it is inside the vocab
         self.blocks = nn.ModuleList(Block(config, causal) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head: nn.Module = (TiedHead(self.embed, config.vocab_size) if config.tie_embeddings
+                                   else nn.Linear(config.n_embd, config.vocab_size, bias=False))
         cos, sin = build_rope_cache(config.block_size, config.head_size, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -229,10 +258,12 @@ class Transformer(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     @property
     def mask_id(self) -> int:
-        return self.config.vocab_size
+        return self.config.mask_id
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 select: torch.Tensor | None = None, *, positions: torch.Tensor | None = None,
@@ -244,16 +275,33 @@ class Transformer(nn.Module):
         `positions` (B, T) are per-row RoPE positions (default: `input_pos`, else 0..T-1); `key_mask` (bool, B x K)
         marks the key columns that may be attended (K: the cache length, or the whole sequence with `window`);
         `window` reuses the keys/values of the columns outside idx (see WindowCache; bidirectional models only).
+        A `shifted` model's network predicts token i+1 at position i; its hidden states are moved one position right
+        here (position 0 keeps its own, as Dream's sampler does: `cat([logits[:, :1], logits[:, :-1]])`), so for
+        every caller (samplers, likelihood, losses) the logits at i predict token i, and position 0 has no real
+        prediction (callers never ask for it: a shifted model needs a non-empty prompt and never masks position 0).
         """
         if window is not None and (self.causal or input_pos is not None):
             raise SmdmError("a window cache is for bidirectional (MDM) models without a KV cache")
         cos, sin = self._rope(idx.size(1), input_pos, positions)
+        recording = window is not None and not window.recorded
         x = self.embed(idx)
         for index, block in enumerate(self.blocks):
             x = block(x, cos, sin, input_pos, key_mask, None if window is None else window.layers[index])
+        if self.config.shifted:
+            x = self._unshift(x, window, recording)
         if select is not None:
             x = x[select]
         return self.lm_head(self.norm(x))
+
+    @staticmethod
+    def _unshift(x: torch.Tensor, window: WindowCache | None, recording: bool) -> torch.Tensor:
+        """Hidden states (B, T, d) moved one position right, so position i holds the state that predicts token i."""
+        if window is None or recording:
+            if window is not None:
+                start = max(window.start - 1, 0)
+                window.shift_carry = x[:, start:start + 1]
+            return torch.cat([x[:, :1], x[:, :-1]], dim=1)
+        return torch.cat([window.shift_carry, x[:, :-1]], dim=1)
 
     def _rope(self, seq_len: int, input_pos: torch.Tensor | None,
               positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

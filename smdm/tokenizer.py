@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -14,6 +15,16 @@ MASK_TEXT = "[MASK]"
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>")
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>")
 BPE_EOS = "<|endoftext|>"
+# smdm's own chat format (the one `smdm.data.sft` renders) as a Jinja template, used when a tokenizer brings none.
+BUILTIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|assistant|>\n"
+    "{% elif message['role'] == 'system' %}<|system|>\n"
+    "{% else %}<|user|>\n{% endif %}"
+    "{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def _sha256_files(paths: Sequence[Path]) -> str:
@@ -26,6 +37,16 @@ def _sha256_files(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+def _config_token(path: Path, key: str) -> str | None:
+    """The text of a special token named in a tokenizer_config.json (a string or {"content": ...}), if readable."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get(key) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # reported by Tokenizer._with_config
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) else None
+
+
 def _one_line(exc: BaseException) -> str:
     """Collapse a backend exception to one line so SmdmError messages stay one line."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -35,11 +56,14 @@ def _one_line(exc: BaseException) -> str:
 class Tokenizer:
     """Text <-> ids with the ids the model needs (EOS for packing/padding, an extra MASK id) in one place."""
 
-    def __init__(self, path: Path, files: Sequence[Path], backend: str, impl: object) -> None:
+    def __init__(self, path: Path, files: Sequence[Path], backend: str, impl: object,
+                 eos_token: str | None = None) -> None:
         self.path = Path(path)
         self.backend = backend  # "hf" or "sentencepiece"
         self._impl = impl
+        self.files = [Path(f) for f in files]
         self.fingerprint = _sha256_files(files)
+        self.chat_template: str | None = None  # the tokenizer's own Jinja template (tokenizer_config.json)
         if backend == "sentencepiece":
             sp = impl
             self.vocab_size = int(sp.get_piece_size())
@@ -55,7 +79,8 @@ class Tokenizer:
             tok = impl
             self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
             vocab = tok.get_vocab(with_added_tokens=True)
-            eos = next((vocab[t] for t in EOS_CANDIDATES if t in vocab), None)
+            # The EOS a tokenizer_config.json names (Llama 3: <|end_of_text|>) before the usual names.
+            eos = next((vocab[t] for t in (eos_token, *EOS_CANDIDATES) if t is not None and t in vocab), None)
             if eos is None:
                 wanted = ", ".join(EOS_CANDIDATES)
                 raise SmdmError(f"{path}: no end-of-document token (one of {wanted}) in the vocabulary")
@@ -98,7 +123,8 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(p))
         except Exception as exc:  # tokenizers raises plain Exception on bad JSON
             raise SmdmError(f"{p}: not a valid HF tokenizer.json ({_one_line(exc)})") from exc
-        return cls(p, [p], "hf", tok)
+        config = p.parent / "tokenizer_config.json"
+        return cls(p, [p], "hf", tok, eos_token=_config_token(config, "eos_token"))._with_config(config)
 
     @classmethod
     def _load_sentencepiece(cls, p: Path) -> Tokenizer:
@@ -109,7 +135,81 @@ class Tokenizer:
             sp = spm.SentencePieceProcessor(model_file=str(p))
         except Exception as exc:
             raise SmdmError(f"{p}: not a valid SentencePiece model ({_one_line(exc)})") from exc
-        return cls(p, [p], "sentencepiece", sp)
+        return cls(p, [p], "sentencepiece", sp)._with_config(p.parent / "tokenizer_config.json")
+
+    def _with_config(self, path: Path) -> Tokenizer:
+        """Apply a HF tokenizer_config.json beside the tokenizer: its EOS/BOS/PAD tokens and Jinja chat template.
+
+        A model's directory says which token ends a turn (LLaDA-Instruct: <|eot_id|>, Qwen2: <|im_end|>), which the
+        vocabulary-name guesses above cannot know.
+        """
+        if not path.is_file():
+            return self
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SmdmError(f"{path}: not valid JSON ({_one_line(exc)})") from None
+        if not isinstance(record, dict):
+            raise SmdmError(f"{path}: expected a JSON object")
+        for key, attribute in (("eos_token", "eos_id"), ("bos_token", "bos_id"), ("pad_token", "pad_id")):
+            token = record.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            token_id = self.token_id(token) if isinstance(token, str) else None
+            if token_id is not None:
+                setattr(self, attribute, token_id)
+        template = record.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t.get("template") for t in template if isinstance(t, dict)
+                             and t.get("name") == "default"), None)
+        if isinstance(template, str) and template.strip():
+            self.chat_template = template
+        return self
+
+    def token_id(self, text: str) -> int | None:
+        """Id of one token given by its text (e.g. "</s>"), or None if it is not in the vocabulary."""
+        if self.backend == "sentencepiece":
+            piece = int(self._impl.piece_to_id(text))
+            return piece if piece != self._impl.unk_id() or text == self._impl.id_to_piece(piece) else None
+        found = self._impl.token_to_id(text)
+        return None if found is None else int(found)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token id (its piece / vocabulary entry)."""
+        if self.backend == "sentencepiece":
+            return str(self._impl.id_to_piece(token_id))
+        return str(self._impl.id_to_token(token_id))
+
+    def chat_template_source(self) -> str:
+        """The Jinja chat template in force: the tokenizer's own, else smdm's built-in one."""
+        return self.chat_template or BUILTIN_CHAT_TEMPLATE
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """Render {role, content} messages (system, user, assistant) as the model was trained to see them.
+
+        Uses the tokenizer's own template when it has one (as `transformers` does), in a sandboxed Jinja environment;
+        system messages are system turns in both.
+        """
+        try:
+            from jinja2 import TemplateError
+            from jinja2.ext import loopcontrols
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError as exc:
+            raise SmdmError("chat templates need jinja2: pip install jinja2") from exc
+
+        def raise_exception(message: str) -> None:
+            raise SmdmError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.globals["raise_exception"] = raise_exception
+        try:
+            template = env.from_string(self.chat_template_source())
+            return template.render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt,
+                bos_token=self.token_text(self.bos_id) if self.bos_id is not None else "",
+                eos_token=self.token_text(self.eos_id),
+            )
+        except TemplateError as exc:
+            raise SmdmError(f"{self.path}: chat template error ({_one_line(exc)})") from None
 
     @classmethod
     def _load_gpt2_dir(cls, p: Path) -> Tokenizer:

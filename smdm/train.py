@@ -290,7 +290,8 @@ def starting_point(config: TrainConfig, objective: Objective, vocab_size: int) -
     initial = load_checkpoint(config.init_from) if config.init_from and not config.resume else None
     if initial is None:
         return None, ModelConfig.from_name(config.model, vocab_size=vocab_size)
-    if initial.config.vocab_size != vocab_size:
+    if initial.config.vocab_size != vocab_size and not (
+            "source" in initial.meta and vocab_size <= initial.config.vocab_size):  # imported: padded embeddings
         raise SmdmError(f"{config.init_from}: vocabulary {initial.config.vocab_size} != data's {vocab_size}")
     family = initial.meta.get("objective", objective.name)
     if family != objective.name:

@@ -66,8 +66,12 @@ def test_checkpoint_of_another_architecture_is_rejected(tmp_path, model_and_conf
     other = tmp_path / "other"
     other.mkdir()
     safetensors.torch.save_file({"transformer.wte.weight": torch.zeros(3, 3)}, str(other / "model.safetensors"))
+    (other / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(SmdmError, match="'GPT2LMHeadModel' is not supported"):
+        load_checkpoint(other)
+    # A Hugging Face directory is imported (smdm.interop); an incomplete config.json is named.
     (other / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(SmdmError, match="not an smdm-checkpoint"):
+    with pytest.raises(SmdmError, match="lacks 'hidden_size'"):
         load_checkpoint(other)
     # Our format tag but weights of a different shape: a clear shape error, not a torch traceback.
     model = Transformer(config)

@@ -125,9 +125,13 @@ def test_corrupted_checkpoint(capsys, trained_checkpoint):
 
 def test_checkpoint_from_another_architecture(capsys, tmp_path):
     (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tmp_path / "hf"), "--length", "4")
+    assert_one_line_error(code, err, "'gpt2' is not supported")
+    # A Llama directory is imported (smdm.interop); an incomplete one is named, not a traceback.
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tmp_path / "hf"), "--length", "4")
-    assert_one_line_error(code, err, "another architecture")
+    assert_one_line_error(code, err, "lacks 'hidden_size'")
 
 
 def test_import_smdm_rejects_wrong_config(capsys, tmp_path, tokenizer_file):

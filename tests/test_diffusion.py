@@ -121,3 +121,28 @@ def test_selective_head_gives_the_same_loss_and_gradients_as_full_logits():
     torch.testing.assert_close(fast, full)
     for a, p in zip(fast_grads, model.parameters()):
         torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_shifted_mdm_never_masks_position_0():
+    # A shifted MDM (Dream) has no output predicting token 0: the loss must not ask for one.
+    from smdm.config import ModelConfig
+    from smdm.diffusion import mdm_sft_step_loss, mdm_step_loss
+    from smdm.model import Transformer
+
+    model = Transformer(ModelConfig.from_name("tiny-test", vocab_size=31, shifted=True))
+    seen: list[torch.Tensor] = []
+    original = model.forward
+
+    def spy(idx, *args, **kwargs):
+        seen.append(idx.clone())
+        return original(idx, *args, **kwargs)
+
+    model.forward = spy
+    tokens = torch.randint(0, 31, (64, 8))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        mdm_step_loss(model, tokens, generator, eps=0.999)  # p(t) ~ 1: everything maskable is masked
+    mdm_sft_step_loss(model, tokens, torch.zeros(64, dtype=torch.long), generator, eps=0.999)
+    for noisy in seen:
+        assert (noisy[:, 0] == tokens[:, 0]).all()
+        assert (noisy[:, 1:] == model.mask_id).float().mean() > 0.9

@@ -94,3 +94,70 @@ def test_sequence_longer_than_block_size_is_rejected():
     model = Transformer(tiny(block_size=8))
     with pytest.raises(SmdmError, match="longer than the block size"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+# --- Knobs of imported architectures (mask id inside the vocabulary, q/k/v biases, tied head, shifted) -------------
+
+def test_mask_token_inside_the_vocabulary_adds_no_row():
+    config = tiny(mask_token_id=90)
+    model = Transformer(config)
+    assert model.mask_id == 90 and config.embedding_rows == 97
+    assert model.embed.weight.shape[0] == model.lm_head.weight.shape[0] == 97
+    assert sum(p.numel() for p in model.parameters()) == total_params(config)
+    with pytest.raises(SmdmError, match="outside the vocabulary"):
+        tiny(mask_token_id=97)
+
+
+def test_tied_head_is_the_embedding_and_is_saved_once():
+    for mask_token_id in (None, 5):
+        config = tiny(tie_embeddings=True, mask_token_id=mask_token_id)
+        model = Transformer(config)
+        assert "lm_head.weight" not in model.state_dict()
+        assert sum(p.numel() for p in model.parameters()) == total_params(config)
+        x = torch.randint(0, 97, (1, 9))
+        h = model.norm(torch.stack([model.embed(x)]).squeeze(0))  # any hidden state: the head is embed[:vocab]
+        expected = h @ model.embed.weight[: config.vocab_size].T
+        torch.testing.assert_close(model.lm_head(h), expected, rtol=0, atol=0)
+        model.embed.weight.data[3].fill_(1.0)
+        assert torch.equal(model.lm_head.weight[3], model.embed.weight[3])
+
+
+def test_qkv_bias_is_added_to_queries_keys_and_values():
+    config = tiny(qkv_bias=True)
+    model = Transformer(config)
+    assert model.blocks[0].attn.qkv.bias.shape == ((4 + 2 * 4) * 16,)
+    assert sum(p.numel() for p in model.parameters()) == total_params(config)
+    x = torch.randint(0, 97, (1, 9))
+    before = model(x)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.bias.normal_()
+    assert not torch.allclose(model(x), before)
+
+
+def test_shifted_model_logit_i_is_the_networks_output_at_i_minus_1():
+    torch.manual_seed(0)
+    plain = Transformer(tiny())
+    shifted = Transformer(tiny(shifted=True))
+    shifted.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 97, (2, 12))
+    out, raw = shifted(x), plain(x)
+    torch.testing.assert_close(out[:, 1:], raw[:, :-1], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, :1], raw[:, :1], rtol=0, atol=0)  # Dream's sampler keeps position 0
+    select = torch.zeros_like(x, dtype=torch.bool)
+    select[:, 5] = True
+    torch.testing.assert_close(shifted(x, select=select), raw[:, 4], rtol=1e-5, atol=1e-6)
+    with pytest.raises(SmdmError, match="shifted"):
+        Transformer(tiny(shifted=True), causal=True)
+
+
+def test_shifted_window_pass_takes_position_start_minus_1_from_the_recording_pass():
+    from smdm.model import WindowCache
+
+    torch.manual_seed(0)
+    model = Transformer(tiny(shifted=True, n_layer=1))  # one layer: the window cache is exact
+    x = torch.randint(0, 97, (1, 16))
+    positions = torch.arange(16)[None]
+    window = WindowCache(1, 6, 10)
+    full = model(x, positions=positions, window=window)
+    windowed = model(x[:, 6:10], positions=positions[:, 6:10], window=window)
+    torch.testing.assert_close(windowed, full[:, 6:10], rtol=1e-5, atol=1e-5)

@@ -142,3 +142,68 @@ def test_hf_tokenizer_without_eos(tmp_path: Path) -> None:
     with pytest.raises(SmdmError, match="end-of-document"):
         Tokenizer.from_file(path)
     assert json.loads(path.read_text())["model"]["type"] == "WordLevel"
+
+
+# --- Chat templates: the tokenizer's own Jinja template first, smdm's built-in one otherwise ------------------------
+
+QWEN_STYLE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+
+
+def _bpe_dir(tmp_path, config: dict | None) -> Tokenizer:
+    from smdm.tokenizer import Tokenizer, train_bpe
+
+    train_bpe(["the cat sat on the mat <|im_end|>"] * 4, 270, tmp_path / "tokenizer.json")
+    if config is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    return Tokenizer.from_file(tmp_path)
+
+
+def test_tokenizers_own_chat_template_is_used_with_system_turns(tmp_path):
+    from smdm.data.sft import render_chat
+
+    tokenizer = _bpe_dir(tmp_path, {"chat_template": QWEN_STYLE, "eos_token": "<|endoftext|>"})
+    text = tokenizer.apply_chat_template(CHAT)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    example = render_chat(CHAT + [{"role": "assistant", "content": "Hello."}], "x", tokenizer)
+    assert example.prompt == text and example.response == "Hello."
+
+
+def test_builtin_chat_template_renders_system_turns_and_matches_the_sft_format(tmp_path):
+    from smdm.data.sft import chat_prompt, chat_text
+    from smdm.tokenizer import BUILTIN_CHAT_TEMPLATE
+
+    tokenizer = _bpe_dir(tmp_path, None)
+    assert tokenizer.chat_template is None and tokenizer.chat_template_source() == BUILTIN_CHAT_TEMPLATE
+    rendered = tokenizer.apply_chat_template(CHAT)
+    assert rendered == "<|system|>\nBe brief.\n<|user|>\nHi?\n<|assistant|>\n"
+    assert chat_text(CHAT, tokenizer) == rendered  # the Python rendering SFT uses is the same template
+    turns = [("a", "b"), ("c", None)]
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert chat_prompt(turns) == tokenizer.apply_chat_template(messages) == "<|user|>\na\n<|assistant|>\nb\n<|user|>\nc\n<|assistant|>\n"
+
+
+def test_tokenizer_config_names_the_eos_token(tmp_path):
+    tokenizer = _bpe_dir(tmp_path, None)
+    assert tokenizer.eos_id == 0  # <|endoftext|> by name
+    other = tokenizer.token_id("the")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "the"}}))
+    from smdm.tokenizer import Tokenizer
+
+    assert Tokenizer.from_file(tmp_path).eos_id == other
+
+
+def test_eos_named_only_by_tokenizer_config_is_found(tmp_path):
+    # Llama 3's vocabulary has none of the usual EOS names; its tokenizer_config.json names <|end_of_text|>.
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    tok = HFTokenizer(models.WordLevel({"hello": 0, "world": 1, "<|end_of_text|>": 2}, unk_token="hello"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(SmdmError, match="no end-of-document token"):
+        Tokenizer.from_file(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
+    assert Tokenizer.from_file(tmp_path).eos_id == 2

@@ -34,7 +34,8 @@ SFT_FORMAT = "smdm-sft-v1"
 MANIFEST = "manifest.json"
 # Field pairs recognised without configuration, in order of preference.
 FIELD_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"), ("instruction", "output"))
-CHAT_USER, CHAT_ASSISTANT = "<|user|>\n", "<|assistant|>\n"
+CHAT_USER, CHAT_ASSISTANT, CHAT_SYSTEM = "<|user|>\n", "<|assistant|>\n", "<|system|>\n"
+_CHAT_TAGS = {"assistant": CHAT_ASSISTANT, "system": CHAT_SYSTEM}
 
 
 @dataclass
@@ -63,33 +64,40 @@ class Example:
     response: str
 
 
-def render_chat(messages: list[dict], where: str) -> Example:
-    """A conversation as (everything up to the last assistant turn, that turn) in a role-tagged template."""
+def chat_text(messages: Sequence[dict], tokenizer: Tokenizer | None = None) -> str:
+    """Messages followed by the assistant's cue: the tokenizer's own Jinja chat template when it has one (an imported
+    model's tokenizer_config.json), else smdm's role-tagged one (`smdm.tokenizer.BUILTIN_CHAT_TEMPLATE`), where
+    system messages are system turns."""
+    if tokenizer is not None and tokenizer.chat_template is not None:
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+    body = "".join(_CHAT_TAGS.get(str(m.get("role")), CHAT_USER) + m["content"] + "\n" for m in messages)
+    return body + CHAT_ASSISTANT
+
+
+def render_chat(messages: list[dict], where: str, tokenizer: Tokenizer | None = None) -> Example:
+    """A conversation as (everything up to the last assistant turn, that turn) in the chat template."""
     if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
         raise SmdmError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     if messages[-1].get("role") != "assistant":
         raise SmdmError(f"{where}: the last message must be the assistant's (the response to learn)")
-    prompt = "".join(
-        (CHAT_USER if m.get("role") != "assistant" else CHAT_ASSISTANT) + m["content"] + "\n" for m in messages[:-1]
-    )
-    return Example(prompt + CHAT_ASSISTANT, messages[-1]["content"])
+    return Example(chat_text(messages[:-1], tokenizer), messages[-1]["content"])
 
 
-def chat_prompt(turns: Sequence[tuple[str, str | None]]) -> str:
+def chat_prompt(turns: Sequence[tuple[str, str | None]], tokenizer: Tokenizer | None = None) -> str:
     """The chat template of a prompt: (user, assistant) turns, the last assistant turn None (to be generated)."""
-    text = ""
+    messages: list[dict] = []
     for user, assistant in turns:
-        text += CHAT_USER + user + "\n" + CHAT_ASSISTANT
+        messages.append({"role": "user", "content": user})
         if assistant is not None:
-            text += assistant + "\n"
-    return text
+            messages.append({"role": "assistant", "content": assistant})
+    return chat_text(messages, tokenizer)
 
 
-def _example_from(obj: object, config: SFTConfig, where: str) -> Example:
+def _example_from(obj: object, config: SFTConfig, where: str, tokenizer: Tokenizer | None = None) -> Example:
     if not isinstance(obj, dict):
         raise SmdmError(f"{where}: expected a JSON object")
     if "messages" in obj and config.prompt_field is None:
-        return render_chat(obj["messages"], where)
+        return render_chat(obj["messages"], where, tokenizer)
     if config.prompt_field is not None:
         pair = (config.prompt_field, config.response_field or "response")
     else:
@@ -104,16 +112,18 @@ def _example_from(obj: object, config: SFTConfig, where: str) -> Example:
     if not isinstance(prompt, str) or not isinstance(response, str):
         raise SmdmError(f"{where}: fields {pair[0]!r} and {pair[1]!r} must be strings")
     if config.template == "chat":
-        return Example(chat_prompt([(prompt, None)]), response)
+        return Example(chat_prompt([(prompt, None)], tokenizer), response)
     return Example(prompt, response)
 
 
-def read_examples(path: str | Path, config: SFTConfig | None = None) -> tuple[list[Example], list[str]]:
-    """Examples of a jsonl file and the problems of the lines skipped (only with skip_bad_lines)."""
+def read_examples(path: str | Path, config: SFTConfig | None = None,
+                  tokenizer: Tokenizer | None = None) -> tuple[list[Example], list[str]]:
+    """Examples of a jsonl file and the problems of the lines skipped (only with skip_bad_lines); chats use the
+    tokenizer's chat template when given one that has it."""
     config = config or SFTConfig()
 
     def parse(obj: dict, where: str) -> Example:
-        example = _example_from(obj, config, where)
+        example = _example_from(obj, config, where, tokenizer)
         if not example.response.strip():
             raise SmdmError(f"{where}: empty response")
         return example
@@ -142,7 +152,7 @@ def prepare_sft(paths: Sequence[str | Path], tokenizer: Tokenizer, out_dir: str 
     examples: list[Example] = []
     problems: list[str] = []
     for path in paths:
-        found, bad = read_examples(path, config)
+        found, bad = read_examples(path, config, tokenizer)
         examples += found
         problems += bad
     encoded = [encode_example(e, tokenizer, config) for e in examples]

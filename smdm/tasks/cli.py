@@ -79,7 +79,7 @@ def cmd_task_mtbench(args: argparse.Namespace) -> None:
     from smdm.sample import SamplerSettings
     from smdm.tasks.mtbench import MTBenchConfig, run_mtbench
 
-    checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype)
     model_id = args.model_id or f"{checkpoint.config.name}-{checkpoint.meta.get('objective', 'model')}"
     config = MTBenchConfig(questions_file=args.questions, model_id=model_id, length=args.length,
                            sampler=SamplerSettings.from_namespace(args), batch_size=args.batch_size,

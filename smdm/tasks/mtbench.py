@@ -93,9 +93,11 @@ def check_settings(model: Transformer, config: MTBenchConfig, eos_id: int) -> No
     config.sampler.plan(model, config.length, eos_id)
 
 
-def conversation(question: Question, answers: Sequence[str], turn: int) -> str:
-    """The prompt of turn `turn` (0-based): earlier questions with the model's answers, then this question."""
-    return chat_prompt([(question.turns[k], answers[k]) for k in range(turn)] + [(question.turns[turn], None)])
+def conversation(question: Question, answers: Sequence[str], turn: int, tokenizer: Tokenizer | None = None) -> str:
+    """The prompt of turn `turn` (0-based): earlier questions with the model's answers, then this question (in the
+    tokenizer's own chat template when it has one)."""
+    return chat_prompt([(question.turns[k], answers[k]) for k in range(turn)] + [(question.turns[turn], None)],
+                       tokenizer)
 
 
 def answer_id(model_id: str, question_id: int | str, turns: Sequence[str]) -> str:
@@ -119,7 +121,7 @@ def generate_answers(model: Transformer, tokenizer: Tokenizer, config: MTBenchCo
         active = [i for i, q in enumerate(questions) if len(q.turns) > turn]
         prompts = []
         for i in active:
-            ids = tokenizer.encode(conversation(questions[i], answers[i], turn))
+            ids = tokenizer.encode(conversation(questions[i], answers[i], turn, tokenizer))
             if len(ids) > room:
                 ids, truncated = ids[len(ids) - room:], truncated + 1
             prompts.append(ids)

@@ -125,14 +125,14 @@ def write_report(rows: list[CorpusScore], out_dir: Path, title: str = "Perplexit
     return [*written, out_dir / "temporal.png"]
 
 
-def load_checkpoints(paths: list[str], tokenizer_path: str | None, device: str) -> tuple[dict[str, Checkpoint],
-                                                                                       Tokenizer]:
+def load_checkpoints(paths: list[str], tokenizer_path: str | None, device: str,
+                     dtype: str | None = None) -> tuple[dict[str, Checkpoint], Tokenizer]:
     """Every model of a comparison, named "OBJECTIVE dir"; they must share one tokenizer, or scores would not compare."""
     from smdm.checkpoint import load_for_inference
 
     checkpoints, tokenizer = {}, None
     for path in paths:
-        checkpoint, its_tokenizer = load_for_inference(path, tokenizer_path, device)
+        checkpoint, its_tokenizer = load_for_inference(path, tokenizer_path, device, dtype)
         if tokenizer is not None and its_tokenizer.fingerprint != tokenizer.fingerprint:
             raise SmdmError(f"{path} uses another tokenizer than {paths[0]}: scores would not compare")
         tokenizer = its_tokenizer

@@ -35,6 +35,7 @@ class TaskModel:
     seed: int = 0
     threads: int | None = None
     device: str = "auto"
+    dtype: str | None = None  # of a given checkpoint's weights (see load_for_inference)
     progress: bool = True
 
     def refuse_arm_options(self, sampler: SamplerSettings, extra: dict[str, object] | None = None) -> None:
@@ -56,7 +57,7 @@ class TaskModel:
         still gets a tokenizer that covers the task's whole vocabulary.
         """
         if self.checkpoint:
-            return load_for_inference(self.checkpoint, self.tokenizer, self.device)
+            return load_for_inference(self.checkpoint, self.tokenizer, self.device, self.dtype)
         from smdm.data.sft import SFTConfig, read_examples
         from smdm.finetune import finetune
         from smdm.tokenizer import train_bpe
