@@ -11,11 +11,14 @@ disk mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ FORMAT = "smdm-checkpoint-v1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"
+RUN_LOCK_FILE = ".smdm.lock"
 
 
 @dataclass
@@ -67,6 +71,69 @@ def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     os.replace(tmp_dir, final_dir)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on path (the file that is at path now), or None if another process holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:  # the holder we waited on may have removed the file: a lock on that unlinked inode would guard nothing
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid.isdigit() else "another process"
+
+
+@contextmanager
+def lock_run_dir(path: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on a run directory (created if needed) for the life of the block.
+
+    Two trainings writing one directory would interleave metrics rows and overwrite each other's checkpoints, so the
+    second one must stop before it touches anything. flock (not a pid file) is released by the kernel whenever the
+    holder dies, even by SIGKILL, so a crash never leaves a stale lock. The lock file records the holder's pid for the
+    error message. A directory this call created is removed again if the block fails before writing anything into it.
+    """
+    path = Path(path)
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SmdmError(f"cannot create run directory {path}: {error.strerror or error}") from None
+    lock_file = path / RUN_LOCK_FILE
+    fd = _try_lock(lock_file)
+    if fd is None:
+        raise SmdmError(f"{path} is in use by {_lock_holder(lock_file)} (another training holds {lock_file}); "
+                        "wait for it to finish or choose another --out")
+    ok = False
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+        ok = True
+    finally:
+        if not ok and created and [p.name for p in path.iterdir()] == [RUN_LOCK_FILE]:
+            lock_file.unlink()  # unlinked while still held: a process waiting on the old file retries (_try_lock)
+            try:
+                path.rmdir()
+            except OSError as error:
+                if error.errno not in (errno.ENOTEMPTY, errno.ENOENT):
+                    raise
+        os.close(fd)
 
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module | Mapping[str, torch.Tensor], config: ModelConfig,

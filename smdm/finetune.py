@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from smdm.checkpoint import read_checkpoint_meta, resolve_checkpoint_dir
+from smdm.checkpoint import lock_run_dir, read_checkpoint_meta, resolve_checkpoint_dir
 from smdm.config import ModelConfig
 from smdm.data.sft import SFTConfig, is_sft_data, prepare_sft
 from smdm.errors import SmdmError
@@ -34,17 +36,21 @@ def finetune(files: list[str | Path], train_config: TrainConfig, sft_config: SFT
     out_dir = Path(train_config.out_dir)
     data_dir = out_dir / "data"
     train_config.validate()
-    if not (train_config.resume and is_sft_data(data_dir)):
-        tok = resolve_tokenizer(tokenizer, train_config.init_from)
-        if sft_config.max_len is None:
-            block = _block_size(train_config)
-            sft_config = replace(sft_config, max_len=block)
-        manifest = prepare_sft(files, tok, data_dir, sft_config)
-        skipped = manifest["skipped"]
-        if skipped["too_long"] or skipped["malformed"]:
-            print(f"sft: skipped {skipped['too_long']} examples longer than the context and "
-                  f"{skipped['malformed']} malformed lines")
-    return train(replace(train_config, data_dir=str(data_dir)))
+    # Locked before OUT/data is written, so a second `smdm sft` into OUT touches nothing. Under torchrun every rank
+    # runs this and rank 0 (RANK is torchrun's) holds the lock for all, as train() does.
+    main = int(os.environ.get("RANK", "0")) == 0
+    with lock_run_dir(out_dir) if main else nullcontext():
+        if not (train_config.resume and is_sft_data(data_dir)):
+            tok = resolve_tokenizer(tokenizer, train_config.init_from)
+            if sft_config.max_len is None:
+                block = _block_size(train_config)
+                sft_config = replace(sft_config, max_len=block)
+            manifest = prepare_sft(files, tok, data_dir, sft_config)
+            skipped = manifest["skipped"]
+            if skipped["too_long"] or skipped["malformed"]:
+                print(f"sft: skipped {skipped['too_long']} examples longer than the context and "
+                      f"{skipped['malformed']} malformed lines")
+        return train(replace(train_config, data_dir=str(data_dir)), run_dir_locked=main)
 
 
 def _block_size(config: TrainConfig) -> int:

@@ -22,9 +22,10 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from smdm.checkpoint import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
+from smdm.checkpoint import load_checkpoint, lock_run_dir, resolve_checkpoint_dir, save_checkpoint
 from smdm.config import ModelConfig, non_embedding_params
 from smdm.data.packed import PackedDataset, load_manifest
+from smdm.data.prepare import tokenizer_file as manifest_tokenizer_file
 from smdm.data.sft import SFTDataset, read_sft_manifest
 from smdm.diffusion import (
     arm_sft_step_loss,
@@ -228,15 +229,20 @@ def _iterate_steps(start: int, end: int, enabled: bool) -> Iterator[tuple[int, A
         yield step, bar
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) one training run; returns the summary also written to summary.json."""
+def train(config: TrainConfig, run_dir_locked: bool = False) -> dict[str, Any]:
+    """Run (or resume) one training run; returns the summary also written to summary.json.
+
+    The run directory is locked for the whole run (`lock_run_dir`); `run_dir_locked` says the caller already holds
+    that lock (fine-tuning, which writes OUT/data first).
+    """
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
     owns_group = not torch.distributed.is_initialized()
     info = init_distributed(config.device)
-    try:
-        return _train(config, info)
+    try:  # rank 0 writes the run directory, so rank 0 holds its lock
+        with lock_run_dir(config.out_dir) if info.is_main and not run_dir_locked else nullcontext():
+            return _train(config, info)
     finally:
         if owns_group:
             destroy_distributed()
@@ -293,6 +299,7 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 100)
 
     tokenizer_info = train_data.manifest.get("tokenizer", {})
+    tokenizer_file = manifest_tokenizer_file(train_data.manifest, config.data_dir)  # before anything is written
     start_step, tokens_seen, train_state = 0, 0, None
     if config.resume and _has_checkpoint(checkpoint_dir):
         loaded = load_checkpoint(checkpoint_dir, with_train_state=True)
@@ -332,9 +339,6 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
         "non_embedding_params": n_params,
         "sft": sft,
     }
-    tokenizer_file = Path(tokenizer_info["path"]) if tokenizer_info.get("path") else None
-    if tokenizer_file is not None and not tokenizer_file.is_file():
-        tokenizer_file = None
 
     def checkpoint(step: int, tokens: int) -> None:
         # Gathering is collective (every rank takes part); only rank 0 writes.
