@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from smdm.data.jsonl import read_records
-from smdm.data.prepare import token_dtype
+from smdm.data.prepare import token_dtype, tokenizer_record
 from smdm.errors import SmdmError
 from smdm.tokenizer import Tokenizer
 
@@ -181,8 +181,7 @@ def prepare_sft(paths: Sequence[str | Path], tokenizer: Tokenizer, out_dir: str 
         manifest = {
             "format": SFT_FORMAT,
             "seq_len": seq_len,
-            "tokenizer": {"path": str(tokenizer.path), "fingerprint": tokenizer.fingerprint,
-                          "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
+            "tokenizer": tokenizer_record(tokenizer),
             "splits": manifest_splits,
             "skipped": {"too_long": too_long, "malformed": len(problems)},
             "problems": problems[:20],
