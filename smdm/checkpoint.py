@@ -159,11 +159,25 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module | Mapping[str,
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
         atomic_replace_dir(tmp, directory)
-    except OSError as error:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SmdmError(f"could not save checkpoint to {directory}: {error.strerror or error}; "
-                        "the previous checkpoint is intact") from error
+        # A full disk surfaces as OSError from Python's writes, RuntimeError from torch.save's zip writer
+        # ("PytorchStreamWriter failed writing file ...") and SafetensorError from save_file.
+        if isinstance(error, (OSError, RuntimeError, SafetensorError)):
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else _one_line(error)
+            try:
+                reason += f" ({shutil.disk_usage(directory.parent).free / 2**20:.1f} MiB free there)"
+            except OSError:
+                pass
+            raise SmdmError(f"could not save checkpoint to {directory}: {reason}; "
+                            "the previous checkpoint is intact") from error
+        raise
     return directory
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
