@@ -64,11 +64,20 @@ def _sha256(path: Path) -> str:
 
 
 def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written tmp_dir to final_dir, replacing any previous one with no window of loss."""
+    """Move a fully written tmp_dir to final_dir, replacing any previous one with no window of loss.
+
+    Two renames (a directory cannot replace a non-empty one in one step): if the second fails the previous directory
+    is put back; if the process dies between them, `resolve_checkpoint_dir` finds it under its `.old-PID` name.
+    """
     old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
     if final_dir.exists():
         os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
+    try:
+        os.replace(tmp_dir, final_dir)
+    except BaseException:
+        if old.exists() and not final_dir.exists():
+            os.replace(old, final_dir)
+        raise
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
 

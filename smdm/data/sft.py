@@ -14,7 +14,6 @@ same examples, and fewer EOS targets per row.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from smdm.checkpoint import atomic_replace_dir
 from smdm.data.jsonl import read_records
 from smdm.data.prepare import token_dtype, tokenizer_record
 from smdm.errors import SmdmError
@@ -34,7 +34,8 @@ SFT_FORMAT = "smdm-sft-v1"
 MANIFEST = "manifest.json"
 # Field pairs recognised without configuration, in order of preference.
 FIELD_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"), ("instruction", "output"))
-CHAT_USER, CHAT_ASSISTANT = "<|user|>\n", "<|assistant|>\n"
+CHAT_SYSTEM, CHAT_USER, CHAT_ASSISTANT = "<|system|>\n", "<|user|>\n", "<|assistant|>\n"
+CHAT_TAGS = {"system": CHAT_SYSTEM, "user": CHAT_USER, "assistant": CHAT_ASSISTANT}
 
 
 @dataclass
@@ -69,15 +70,19 @@ def render_chat(messages: list[dict], where: str) -> Example:
         raise SmdmError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     if messages[-1].get("role") != "assistant":
         raise SmdmError(f"{where}: the last message must be the assistant's (the response to learn)")
-    prompt = "".join(
-        (CHAT_USER if m.get("role") != "assistant" else CHAT_ASSISTANT) + m["content"] + "\n" for m in messages[:-1]
-    )
+    for m in messages:
+        if m.get("role") not in CHAT_TAGS:
+            raise SmdmError(f"{where}: unknown role {m.get('role')!r}; use system, user or assistant")
+    # A system message keeps its own tag (as in chat templates such as Llama's and Qwen's), so the model can tell
+    # instructions about the conversation from what the user said.
+    prompt = "".join(CHAT_TAGS[m["role"]] + m["content"] + "\n" for m in messages[:-1])
     return Example(prompt + CHAT_ASSISTANT, messages[-1]["content"])
 
 
-def chat_prompt(turns: Sequence[tuple[str, str | None]]) -> str:
-    """The chat template of a prompt: (user, assistant) turns, the last assistant turn None (to be generated)."""
-    text = ""
+def chat_prompt(turns: Sequence[tuple[str, str | None]], system: str | None = None) -> str:
+    """The chat template of a prompt: (user, assistant) turns, the last assistant turn None (to be generated),
+    after an optional system message, exactly as `render_chat` renders training conversations."""
+    text = "" if system is None else CHAT_SYSTEM + system + "\n"
     for user, assistant in turns:
         text += CHAT_USER + user + "\n" + CHAT_ASSISTANT
         if assistant is not None:
@@ -189,11 +194,9 @@ def prepare_sft(paths: Sequence[str | Path], tokenizer: Tokenizer, out_dir: str 
             "sources": [str(Path(p).resolve()) for p in paths],
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            if not (out_dir / MANIFEST).is_file():
-                raise SmdmError(f"{out_dir}: exists and is not a prepared dataset; choose another directory")
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        if out_dir.exists() and not (out_dir / MANIFEST).is_file():
+            raise SmdmError(f"{out_dir}: exists and is not a prepared dataset; choose another directory")
+        atomic_replace_dir(tmp, out_dir)  # the previous data stays whole until the new data is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
