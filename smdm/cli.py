@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
+from smdm.config import ROPE_CACHE_DTYPES
 from smdm.errors import SmdmError
 
 
@@ -420,15 +421,18 @@ def cmd_import_smdm(args: argparse.Namespace) -> None:
     from smdm.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_file(args.tokenizer)
-    model, config = load_smdm_checkpoint(args.weights, args.config)
+    model, config = load_smdm_checkpoint(args.weights, args.config, objective=args.objective,
+                                         rope_cache_dtype=args.rope_cache_dtype)
     if tokenizer.vocab_size != config.vocab_size:
         raise SmdmError(f"tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens, {args.config} expects "
                         f"{config.vocab_size}")
-    meta = {"objective": args.objective, "imported_from": str(args.weights),
+    objective = "arm" if model.causal else "mdm"
+    meta = {"objective": objective, "imported_from": str(args.weights),
             "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
                           "eos_id": tokenizer.eos_id}}
     save_checkpoint(args.out, model, config, meta, tokenizer_file=tokenizer.path)
-    print(f"imported {args.weights} ({args.config}) -> {args.out}")
+    print(f"imported {args.weights} ({args.config}, {objective.upper()}, RoPE tables in {config.rope_cache_dtype}) "
+          f"-> {args.out}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -726,7 +730,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help=".safetensors or .pth in lit-gpt layout")
     p.add_argument("--config", required=True, help="e.g. smdm-1028m")
     p.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with")
-    p.add_argument("--objective", choices=["mdm", "arm"], default="mdm")
+    p.add_argument("--objective", choices=["mdm", "arm"], default=None,
+                   help="default: read from the weights (an MDM's embedding has the extra [MASK] row); "
+                        "if given, it must agree")
+    p.add_argument("--rope-cache-dtype", choices=ROPE_CACHE_DTYPES, default="fp32",
+                   help="bf16: SMDM's own RoPE cos/sin tables, to reproduce its logits exactly (fp32 differs by ~1e-3)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_import_smdm)
 

@@ -67,7 +67,8 @@ def small_tmpfs(tmp_path):
         pytest.skip("mounting a tmpfs needs root and mount(8)")
     yield mount
     for point in mounts:
-        subprocess.run(["umount", str(point)], check=False)
+        # lazy: a file object still referenced by a failed test's traceback must not keep the mount alive
+        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 def test_real_full_disk(toy_data, tmp_path, capsys, small_tmpfs):
