@@ -12,7 +12,6 @@ from typing import Any
 
 from smdm.errors import SmdmError
 
-
 ROPE_CACHE_DTYPES = ("fp32", "bf16")
 
 

@@ -43,7 +43,8 @@ def test_torch_write_failure_is_one_line_and_keeps_the_last_checkpoint(toy_data,
     monkeypatch.setattr(smdm.checkpoint.torch, "save", save_until_disk_fills)
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "--data", str(toy_data), "--out", str(run), "--max-steps", "4", *TRAIN)
-    assert_one_line_error(code, _error_line(err), "could not save checkpoint", "unexpected pos", "previous checkpoint is intact")
+    assert_one_line_error(code, _error_line(err), "could not save checkpoint", "unexpected pos",
+                          "previous checkpoint is intact")
     assert len(calls) == 2
     _assert_last_good_checkpoint_kept(run, 2)
 

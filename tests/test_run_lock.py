@@ -99,9 +99,8 @@ def test_lock_is_exclusive_across_processes_and_freed_by_a_kill(tmp_path):
     holder = _hold_lock(run)
     try:
         assert (run / RUN_LOCK_FILE).read_text().strip() == str(holder.pid)
-        with pytest.raises(SmdmError, match=f"in use by pid {holder.pid}"):
-            with lock_run_dir(run):
-                pass
+        with pytest.raises(SmdmError, match=f"in use by pid {holder.pid}"), lock_run_dir(run):
+            pass
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
