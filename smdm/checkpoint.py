@@ -85,7 +85,10 @@ def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
 def _try_lock(path: Path) -> int | None:
     """An fd holding an exclusive flock on path (the file that is at path now), or None if another process holds it."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:  # read-only directory, another user's lock file, ...
+            raise SmdmError(f"cannot lock {path}: {error.strerror or error}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

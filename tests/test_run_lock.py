@@ -120,3 +120,10 @@ def test_failed_start_removes_the_run_directory_it_created(tmp_path, capsys):
                            "--max-steps", "1")
     assert_one_line_error(code, err, "prepare")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_line(tmp_path, capsys, toy_data):
+    run = tmp_path / "run"
+    (run / RUN_LOCK_FILE).mkdir(parents=True)  # e.g. unwritable; a directory in its place fails for root too
+    code, _, err = run_cli(capsys, "train", "--data", str(toy_data), "--out", str(run), "--max-steps", "1")
+    assert_one_line_error(code, err, "cannot lock", RUN_LOCK_FILE)
