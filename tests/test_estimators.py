@@ -45,8 +45,8 @@ def brute_force_bernoulli_bound(model: Transformer, tokens: list[int]) -> float:
 
 
 def test_weights_integrate_to_the_mask_rate():
-    # Sanity of the closed form: summed over every mask set, p^(k-1)(1-p)^(L-k) * k = E[L p / p] = L... per token:
-    # sum_k C(L, k) * k * w(k) = E_t[sum_k C(L,k) k p^(k-1) (1-p)^(L-k)] = E_t[L] = L.
+    # Sanity of the closed form: sum_k C(L,k) k w(k) = E_t[sum_k C(L,k) k p^(k-1) (1-p)^(L-k)] = E_t[L] = L
+    # (the expected number of masked tokens, each weighted 1/p).
     for length in (1, 3, 5):
         assert sum(math.comb(length, k) * k * bernoulli_mask_weight(k, length)
                    for k in range(1, length + 1)) == pytest.approx(length, rel=1e-12)
