@@ -11,11 +11,14 @@ disk mid-save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ FORMAT = "smdm-checkpoint-v1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"
+RUN_LOCK_FILE = ".smdm.lock"
 
 
 @dataclass
@@ -60,13 +64,88 @@ def _sha256(path: Path) -> str:
 
 
 def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written tmp_dir to final_dir, replacing any previous one with no window of loss."""
+    """Move a fully written tmp_dir to final_dir, replacing any previous one with no window of loss.
+
+    Two renames (a directory cannot replace a non-empty one in one step): if the second fails the previous directory
+    is put back; if the process dies between them, `resolve_checkpoint_dir` finds it under its `.old-PID` name.
+    """
     old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
     if final_dir.exists():
         os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
+    try:
+        os.replace(tmp_dir, final_dir)
+    except BaseException:
+        if old.exists() and not final_dir.exists():
+            os.replace(old, final_dir)
+        raise
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on path (the file that is at path now), or None if another process holds it."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:  # read-only directory, another user's lock file, ...
+            raise SmdmError(f"cannot lock {path}: {error.strerror or error}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:  # the holder we waited on may have removed the file: a lock on that unlinked inode would guard nothing
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid.isdigit() else "another process"
+
+
+@contextmanager
+def lock_run_dir(path: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on a run directory (created if needed) for the life of the block.
+
+    Two trainings writing one directory would interleave metrics rows and overwrite each other's checkpoints, so the
+    second one must stop before it touches anything. flock (not a pid file) is released by the kernel whenever the
+    holder dies, even by SIGKILL, so a crash never leaves a stale lock. The lock file records the holder's pid for the
+    error message. A directory this call created is removed again if the block fails before writing anything into it.
+    """
+    path = Path(path)
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SmdmError(f"cannot create run directory {path}: {error.strerror or error}") from None
+    lock_file = path / RUN_LOCK_FILE
+    fd = _try_lock(lock_file)
+    if fd is None:
+        raise SmdmError(f"{path} is in use by {_lock_holder(lock_file)} (another training holds {lock_file}); "
+                        "wait for it to finish or choose another --out")
+    ok = False
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+        ok = True
+    finally:
+        if not ok and created and [p.name for p in path.iterdir()] == [RUN_LOCK_FILE]:
+            lock_file.unlink()  # unlinked while still held: a process waiting on the old file retries (_try_lock)
+            try:
+                path.rmdir()
+            except OSError as error:
+                if error.errno not in (errno.ENOTEMPTY, errno.ENOENT):
+                    raise
+        os.close(fd)
 
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module | Mapping[str, torch.Tensor], config: ModelConfig,
@@ -92,11 +171,25 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module | Mapping[str,
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
         atomic_replace_dir(tmp, directory)
-    except OSError as error:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SmdmError(f"could not save checkpoint to {directory}: {error.strerror or error}; "
-                        "the previous checkpoint is intact") from error
+        # A full disk surfaces as OSError from Python's writes, RuntimeError from torch.save's zip writer
+        # ("PytorchStreamWriter failed writing file ...") and SafetensorError from save_file.
+        if isinstance(error, (OSError, RuntimeError, SafetensorError)):
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else _one_line(error)
+            try:
+                reason += f" ({shutil.disk_usage(directory.parent).free / 2**20:.1f} MiB free there)"
+            except OSError:
+                pass
+            raise SmdmError(f"could not save checkpoint to {directory}: {reason}; "
+                            "the previous checkpoint is intact") from error
+        raise
     return directory
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:

@@ -23,6 +23,7 @@ from smdm.cli_types import (
     positive_float,
     positive_int,
 )
+from smdm.config import ROPE_CACHE_DTYPES
 from smdm.errors import SmdmError
 from smdm.interop.cli import add_parser as add_export_parser
 from smdm.sweep_cli import add_scale_parser
@@ -250,10 +251,14 @@ def cmd_configs(args: argparse.Namespace) -> None:
 
 
 def cmd_import_smdm(args: argparse.Namespace) -> None:
+    from smdm.checkpoint import read_checkpoint_meta
     from smdm.convert import import_smdm_checkpoint
 
-    import_smdm_checkpoint(args.weights, args.config, args.tokenizer, args.objective, args.out)
-    print(f"imported {args.weights} ({args.config}) -> {args.out}")
+    path = import_smdm_checkpoint(args.weights, args.config, args.tokenizer, args.objective, args.out,
+                                  rope_cache_dtype=args.rope_cache_dtype)
+    meta = read_checkpoint_meta(path)
+    print(f"imported {args.weights} ({args.config}, {meta['objective'].upper()}, RoPE tables in "
+          f"{meta['model']['rope_cache_dtype']}) -> {args.out}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -367,7 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help=".safetensors or .pth in lit-gpt layout")
     p.add_argument("--config", required=True, help="e.g. smdm-1028m")
     p.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with")
-    p.add_argument("--objective", choices=["mdm", "arm"], default="mdm")
+    p.add_argument("--objective", choices=["mdm", "arm"], default=None,
+                   help="default: read from the weights (an MDM's embedding has the extra [MASK] row); "
+                        "if given, it must agree")
+    p.add_argument("--rope-cache-dtype", choices=ROPE_CACHE_DTYPES, default="fp32",
+                   help="bf16: SMDM's own RoPE cos/sin tables, to reproduce its logits exactly (fp32 differs by ~1e-3)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_import_smdm)
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from smdm.errors import SmdmError
 
+ROPE_CACHE_DTYPES = ("fp32", "bf16")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -42,6 +44,9 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = False
     shifted: bool = False
+    # dtype of the RoPE cos/sin tables. ML-GSAI/SMDM builds them in bf16 (`build_rope_cache(..., dtype=torch.bfloat16)`
+    # in lit_gpt/diffmodel.py and model.py); "bf16" reproduces its logits exactly, "fp32" is the more precise default.
+    rope_cache_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.n_query_groups is None:
@@ -52,6 +57,9 @@ class ModelConfig:
             raise SmdmError(f"config {self.name}: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.n_head % self.n_query_groups:
             raise SmdmError(f"config {self.name}: n_head {self.n_head} is not divisible by n_query_groups {self.n_query_groups}")
+        if self.rope_cache_dtype not in ROPE_CACHE_DTYPES:
+            raise SmdmError(f"config {self.name}: rope_cache_dtype {self.rope_cache_dtype!r} is not one of "
+                            f"{', '.join(ROPE_CACHE_DTYPES)}")
         if min(self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd) < 1:
             raise SmdmError(f"config {self.name}: sizes must be positive")
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
@@ -116,6 +124,7 @@ _PAPER_SHAPES: dict[int, tuple[int, int, int, int]] = {
     34: (8, 8, 512, 2048),
     48: (9, 9, 576, 2304),
     66: (10, 10, 640, 2560),
+    75: (16, 8, 640, 1600),  # Diff_LLaMA_75M: deeper and narrower-MLP than the 85M; N = 75,387,520
     85: (13, 10, 640, 2560),
     113: (12, 12, 768, 3072),
     142: (15, 12, 768, 3072),

@@ -300,19 +300,41 @@ def _read_state_dict(path: Path) -> Mapping[str, Any]:
     raise SmdmError(f"checkpoint {path} has an unknown extension {path.suffix!r}; expected .safetensors, .pth or .pt")
 
 
-def load_smdm_checkpoint(path: str | Path, config_name: str | ModelConfig,
-                         **overrides: Any) -> tuple[Transformer, ModelConfig]:
-    """Load an ML-GSAI/SMDM checkpoint file into our bidirectional model, to evaluate or fine-tune released weights.
+def smdm_family(sd: Mapping[str, Any], config: ModelConfig) -> str:
+    """"mdm" or "arm" from an SMDM state dict's embedding: its diffusion model (lit_gpt/diffmodel.py) embeds
+    padded_vocab_size + 1 tokens (the last is [MASK]), its autoregressive one (lit_gpt/model.py) padded_vocab_size.
+    SMDM's checkpoint files record nothing else about the family, and the two load into the same weights."""
+    embed = _unwrap(sd, "an SMDM checkpoint", config).get("transformer.wte.weight")
+    rows = embed.shape[0] if isinstance(embed, Tensor) else None
+    if rows == config.vocab_size + 1:
+        return "mdm"
+    if rows == config.vocab_size:
+        return "arm"
+    raise SmdmError(f"not an SMDM checkpoint for config {config.name}: transformer.wte.weight has "
+                    f"{rows} rows, expected {config.vocab_size + 1} (MDM) or {config.vocab_size} (ARM)")
 
-    `config_name` names a config ("smdm-170m") or is a ModelConfig; `overrides` (e.g. vocab_size) apply to a name.
+
+def load_smdm_checkpoint(path: str | Path, config_name: str | ModelConfig, objective: str | None = None,
+                         **overrides: Any) -> tuple[Transformer, ModelConfig]:
+    """Load an ML-GSAI/SMDM checkpoint file into our model, to evaluate or fine-tune released weights.
+
+    `config_name` names a config ("smdm-170m") or is a ModelConfig; `overrides` (e.g. vocab_size, or
+    rope_cache_dtype="bf16" for SMDM's own RoPE tables) apply to it. The family is read from the weights
+    (`smdm_family`): the model is causal for an ARM checkpoint (`model.causal` tells the caller which it got);
+    `objective`, when given, must agree, so a wrong family is an error rather than a silently wrong model.
     """
     if isinstance(config_name, ModelConfig):
         config = replace(config_name, **overrides)
     else:
         config = ModelConfig.from_name(config_name, **overrides)
     path = Path(path)
-    ours = smdm_state_dict_to_ours(_read_state_dict(path), config)
-    model = Transformer(config, causal=False)
+    state = _read_state_dict(path)
+    family = smdm_family(state, config)
+    if objective is not None and objective != family:
+        raise SmdmError(f"{path} is an SMDM {family.upper()} checkpoint (its embedding has "
+                        f"{'a' if family == 'mdm' else 'no'} [MASK] row), not --objective {objective}")
+    ours = smdm_state_dict_to_ours(state, config)
+    model = Transformer(config, causal=family == "arm")
     try:
         model.load_state_dict(ours, strict=True)
     except RuntimeError as exc:  # should not happen after the shape checks; kept for a one-line message
@@ -321,18 +343,22 @@ def load_smdm_checkpoint(path: str | Path, config_name: str | ModelConfig,
     return model, config
 
 
-def import_smdm_checkpoint(weights: str | Path, config_name: str, tokenizer_path: str | Path, objective: str,
-                           out: str | Path) -> Path:
-    """`smdm import-smdm`: an ML-GSAI/SMDM weights file as an smdm checkpoint, its tokenizer stored beside it."""
+def import_smdm_checkpoint(weights: str | Path, config_name: str, tokenizer_path: str | Path,
+                           objective: str | None, out: str | Path, rope_cache_dtype: str = "fp32") -> Path:
+    """`smdm import-smdm`: an ML-GSAI/SMDM weights file as an smdm checkpoint, its tokenizer stored beside it.
+
+    The family is read from the weights (`objective`, if given, must agree); `rope_cache_dtype="bf16"` keeps SMDM's
+    own RoPE tables, to reproduce its logits exactly.
+    """
     from smdm.checkpoint import save_checkpoint
     from smdm.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_file(tokenizer_path)
-    model, config = load_smdm_checkpoint(weights, config_name)
+    model, config = load_smdm_checkpoint(weights, config_name, objective=objective, rope_cache_dtype=rope_cache_dtype)
     if tokenizer.vocab_size != config.vocab_size:
         raise SmdmError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens, {config_name} expects "
                         f"{config.vocab_size}")
-    meta = {"objective": objective, "imported_from": str(weights),
+    meta = {"objective": "arm" if model.causal else "mdm", "imported_from": str(weights),
             "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
                           "eos_id": tokenizer.eos_id}}
     return save_checkpoint(out, model, config, meta, tokenizer_file=tokenizer.path)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from smdm.checkpoint import read_checkpoint_meta, resolve_checkpoint_dir
+from smdm.checkpoint import lock_run_dir, read_checkpoint_meta, resolve_checkpoint_dir
 from smdm.config import ModelConfig
 from smdm.data.sft import SFTConfig, is_sft_data, prepare_sft
 from smdm.errors import SmdmError
@@ -40,21 +42,25 @@ def finetune(files: list[str | Path], train_config: TrainConfig, sft_config: SFT
     out_dir = Path(train_config.out_dir)
     data_dir = out_dir / "data"
     train_config.validate()
-    if not (train_config.resume and is_sft_data(data_dir)):
-        tok = resolve_tokenizer(tokenizer, train_config.init_from)
-        if sft_config.max_len is None:
-            block = _block_size(train_config)
-            sft_config = replace(sft_config, max_len=block)
-        manifest = prepare_sft(files, tok, data_dir, sft_config)
-        skipped = manifest["skipped"]
-        if skipped["too_long"] or skipped["malformed"]:
-            print(f"sft: skipped {skipped['too_long']} examples longer than the context and "
-                  f"{skipped['malformed']} malformed lines")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        record = {"files": [str(Path(f).resolve()) for f in files],
-                  "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None, **asdict(sft_config)}
-        (out_dir / SFT_SETTINGS).write_text(json.dumps(record, indent=2))
-    return train(replace(train_config, data_dir=str(data_dir)))
+    # Locked before OUT/data is written, so a second `smdm sft` into OUT touches nothing. Under torchrun every rank
+    # runs this and rank 0 (RANK is torchrun's) holds the lock for all, as train() does.
+    main = int(os.environ.get("RANK", "0")) == 0
+    with lock_run_dir(out_dir) if main else nullcontext():
+        if not (train_config.resume and is_sft_data(data_dir)):
+            tok = resolve_tokenizer(tokenizer, train_config.init_from)
+            if sft_config.max_len is None:
+                block = _block_size(train_config)
+                sft_config = replace(sft_config, max_len=block)
+            manifest = prepare_sft(files, tok, data_dir, sft_config)
+            skipped = manifest["skipped"]
+            if skipped["too_long"] or skipped["malformed"]:
+                print(f"sft: skipped {skipped['too_long']} examples longer than the context and "
+                      f"{skipped['malformed']} malformed lines")
+            if main:
+                record = {"files": [str(Path(f).resolve()) for f in files],
+                          "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None, **asdict(sft_config)}
+                (out_dir / SFT_SETTINGS).write_text(json.dumps(record, indent=2))
+        return train(replace(train_config, data_dir=str(data_dir)), run_dir_locked=main)
 
 
 def read_sft_settings(run_dir: str | Path) -> dict[str, Any]:

@@ -246,6 +246,8 @@ class Transformer(nn.Module):
         self.lm_head: nn.Module = (TiedHead(self.embed, config.vocab_size) if config.tie_embeddings
                                    else nn.Linear(config.n_embd, config.vocab_size, bias=False))
         cos, sin = build_rope_cache(config.block_size, config.head_size, config.rope_base)
+        if config.rope_cache_dtype == "bf16":  # SMDM's tables, kept in bf16 so bf16 activations multiply them in bf16
+            cos, sin = cos.bfloat16(), sin.bfloat16()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)

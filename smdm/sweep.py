@@ -1,14 +1,13 @@
 """Executing a sweep manifest: each run is an ordinary `smdm train` in its own directory.
 
 Locally, `run_sweep` keeps N training processes busy, skips finished runs and resumes killed ones from their
-checkpoint (train.py resumes bit-exactly). A run's directory is locked (flock, held by the training process itself)
-so two sweep runners never train the same run at once. For a cluster, `launch_commands` gives one `torchrun` command
+checkpoint (train.py resumes bit-exactly). A run's directory is locked by the training process itself
+(`smdm.checkpoint.lock_run_dir`, as every `smdm train` is), so two sweep runners never train the same run at once. For a cluster, `launch_commands` gives one `torchrun` command
 per run and `slurm_script` an array job over them: the sweep scales with the launcher users already have.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -23,10 +22,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from smdm.checkpoint import RUN_LOCK_FILE, lock_run_dir
 from smdm.errors import SmdmError
 from smdm.scaling import PlannedRun, RunResult, SweepSpec
 
-LOCK_FILE = ".sweep.lock"
+LOCK_FILE = RUN_LOCK_FILE
 
 
 @dataclass
@@ -108,25 +108,22 @@ def select_runs(runs: list[PlannedRun], only: list[str] | None, manifest: str) -
     return [r for r in runs if r.name in only]
 
 
-def _lock(run: PlannedRun) -> int | None:
-    """An exclusive, non-blocking flock on the run directory; None when another process holds it."""
-    out = Path(run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+def _busy(run: PlannedRun) -> bool:
+    """Whether another process (a trainer of another runner, or a user's `smdm train`) holds the run's lock now."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+        with lock_run_dir(run.out_dir):
+            return False
+    except SmdmError:
+        return True
 
 
 def run_sweep(runs: list[PlannedRun], data_dir: str, jobs: int = 1, threads: int | None = None,
               stop_after_steps: int | None = None, progress: bool = True) -> SweepReport:
     """Train every unfinished run, `jobs` processes at a time (largest budgets first, for balance).
 
-    Each process inherits its run's lock, so the lock lives exactly as long as the training does, even if this
-    runner is killed. Output goes to RUN_DIR/train.log. A failed run is reported, not fatal to the others.
+    Each training process holds its run's lock itself, so the lock lives exactly as long as the training does, even
+    if this runner is killed. A run locked when it is reached, or whose trainer lost the race for the lock to another
+    process, is reported busy. Output goes to RUN_DIR/train.log. A failed run is reported, not fatal to the others.
     """
     if jobs < 1:
         raise SmdmError("--jobs must be at least 1")
@@ -150,8 +147,7 @@ def run_sweep(runs: list[PlannedRun], data_dir: str, jobs: int = 1, threads: int
         while pending or active:
             while pending and len(active) < jobs:
                 run = pending.pop(0)
-                fd = _lock(run)
-                if fd is None:
+                if _busy(run):
                     report.busy.append(run.name)
                     bar.update(run.flops)
                     continue
@@ -163,15 +159,16 @@ def run_sweep(runs: list[PlannedRun], data_dir: str, jobs: int = 1, threads: int
                 with open(Path(run.out_dir) / "train.log", "a") as log:
                     log.write(f"$ {shlex.join(argv)}\n")
                     log.flush()
-                    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=(fd,))
-                active[proc] = (run, fd)
+                    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+                active[proc] = run
             time.sleep(0.2)
             for proc in [p for p in active if p.poll() is not None]:
-                run, fd = active.pop(proc)
-                os.close(fd)
+                run = active.pop(proc)
                 bar.update(run.flops)
                 status = run_status(run)
-                if proc.returncode != 0:
+                if proc.returncode == 2 and _busy(run):  # another process took the lock after our check
+                    report.busy.append(run.name)
+                elif proc.returncode != 0:
                     report.failed[run.name] = f"exit {proc.returncode}; see {Path(run.out_dir) / 'train.log'}"
                 elif status.state == "done" or stop_after_steps:
                     report.trained.append(run.name)
@@ -180,10 +177,9 @@ def run_sweep(runs: list[PlannedRun], data_dir: str, jobs: int = 1, threads: int
                 bar.write(f"{run.name}: " + (f"val loss {status.loss:.4f}" if status.loss is not None
                                              else report.failed.get(run.name, status.reason)))
     finally:
-        for proc, (run, fd) in active.items():  # interrupted: stop our children; their checkpoints remain
+        for proc in active:  # interrupted: stop our children; their checkpoints remain
             proc.terminate()
             proc.wait()
-            os.close(fd)
         signal.signal(signal.SIGTERM, previous)
         bar.close()
     return report

@@ -23,9 +23,10 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from smdm.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_dir, save_checkpoint
+from smdm.checkpoint import Checkpoint, load_checkpoint, lock_run_dir, resolve_checkpoint_dir, save_checkpoint
 from smdm.config import ModelConfig, non_embedding_params
 from smdm.data.packed import PackedDataset, load_manifest
+from smdm.data.prepare import tokenizer_file as manifest_tokenizer_file
 from smdm.data.sft import SFTDataset, read_sft_manifest
 from smdm.diffusion import random_length
 from smdm.distributed import (
@@ -258,15 +259,20 @@ class MetricsLog:
             self.writer.close()
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) one training run; returns the summary also written to summary.json."""
+def train(config: TrainConfig, run_dir_locked: bool = False) -> dict[str, Any]:
+    """Run (or resume) one training run; returns the summary also written to summary.json.
+
+    The run directory is locked for the whole run (`lock_run_dir`); `run_dir_locked` says the caller already holds
+    that lock (fine-tuning, which writes OUT/data first).
+    """
     config.validate()
     if config.threads:
         torch.set_num_threads(config.threads)
     owns_group = not torch.distributed.is_initialized()
     info = init_distributed(config.device)
-    try:
-        return _train(config, info)
+    try:  # rank 0 writes the run directory, so rank 0 holds its lock
+        with lock_run_dir(config.out_dir) if info.is_main and not run_dir_locked else nullcontext():
+            return _train(config, info)
     finally:
         if owns_group:
             destroy_distributed()
@@ -428,6 +434,7 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     manifest = manifest or load_manifest(config.data_dir)
     initial, model_config = starting_point(config, objective, int(manifest["tokenizer"]["vocab_size"]))
     data = load_run_data(config, objective, model_config, manifest, sft, info)
+    tokenizer_file = manifest_tokenizer_file(data.train.manifest, config.data_dir)  # before anything is written
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -452,9 +459,6 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
                                             else {}),
             "tokenizer": {k: data.tokenizer.get(k) for k in ("fingerprint", "vocab_size", "eos_id")},
             "non_embedding_params": n_params, "sft": sft}
-    tokenizer_file = Path(data.tokenizer["path"]) if data.tokenizer.get("path") else None
-    if tokenizer_file is not None and not tokenizer_file.is_file():
-        tokenizer_file = None
     run = Run(config, info, objective, model_config, data, model, train_model, optimizer, strategy, total_steps,
               warmup, meta, tokenizer_file)
     if train_state is not None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO_ROOT, assert_one_line_error, run_cli
 
 from smdm.config import ModelConfig
@@ -76,7 +77,28 @@ def test_sample_and_likelihood_happy_path(capsys, trained_checkpoint):
                              "--mc-samples", "8")
     assert code == 0, err
     result = json.loads(out)
-    assert result["nll_nats"] > 0 and result["stderr"] > 0
+    expected, expected_stderr = _bernoulli_estimate_by_hand(trained_checkpoint, "the dog sat", mc_samples=8, seed=0)
+    assert result["nll_nats"] == pytest.approx(expected, rel=1e-5)
+    assert result["stderr"] == pytest.approx(expected_stderr, rel=1e-4)
+
+
+@torch.no_grad()
+def _bernoulli_estimate_by_hand(run, text: str, mc_samples: int, seed: int) -> tuple[float, float]:
+    """The Bernoulli ELBO estimate re-derived from the draws it makes (one batch): t stratified from one uniform,
+    each token masked with p = (1 - eps)t + eps, draw value = sum over masked tokens of CE / p."""
+    from smdm.checkpoint import load_for_inference
+    from smdm.diffusion import MASK_EPS
+
+    checkpoint, tokenizer = load_for_inference(run, None, "cpu")
+    model, ids = checkpoint.model, torch.tensor(tokenizer.encode(text))
+    generator = torch.Generator().manual_seed(seed)
+    t = (torch.rand(1, generator=generator) + torch.arange(mc_samples) / mc_samples) % 1.0
+    p = (1 - MASK_EPS) * t + MASK_EPS
+    masked = torch.rand(mc_samples, len(ids), generator=generator) < p[:, None]
+    x = torch.where(masked, torch.full_like(masked, model.mask_id, dtype=torch.long), ids[None])
+    ce = -model(x).double().log_softmax(-1).gather(-1, ids[None, :, None].expand(mc_samples, -1, 1))[..., 0]
+    draws = (ce * masked).sum(1) / p.double()
+    return draws.mean().item(), (draws.std() / mc_samples ** 0.5).item()
 
 
 def test_conditional_likelihood(capsys, trained_checkpoint):
@@ -87,6 +109,16 @@ def test_conditional_likelihood(capsys, trained_checkpoint):
         assert code == 0, err
         results[method] = json.loads(out)
     assert results["chain"]["stderr"] == 0 and results["mc"]["nll_nats"] > 0
+    with torch.no_grad():  # the chain rule by hand: reveal the target left to right
+        from smdm.checkpoint import load_for_inference
+
+        checkpoint, tokenizer = load_for_inference(trained_checkpoint, None, "cpu")
+        model, prefix, target = checkpoint.model, tokenizer.encode("the cat"), tokenizer.encode(" sat")
+        expected = 0.0
+        for k in range(len(target)):
+            x = torch.tensor([prefix + target[:k] + [model.mask_id] * (len(target) - k)])
+            expected -= model(x)[0, len(prefix) + k].log_softmax(-1)[target[k]].item()
+    assert results["chain"]["nll_nats"] == pytest.approx(expected, rel=1e-5)
     assert results["chain"]["forward_passes"] == 1  # every reveal step of a short target in one batched pass
     code, _, err = run_cli(capsys, "likelihood", "--checkpoint", str(trained_checkpoint), "--prefix", "the cat",
                            "--text", "", "--method", "chain")

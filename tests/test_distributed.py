@@ -1,8 +1,11 @@
-"""torchrun on CPU (gloo, 2 processes): DDP and FSDP2 equal one process with gradient accumulation; resume 2 -> 1."""
+"""torchrun on CPU (gloo, 2 processes): DDP and FSDP2 equal one process with gradient accumulation; resume 2 -> 1
+and 1 -> 2."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,12 +69,28 @@ def test_two_ranks_equal_one_rank_with_accumulation(toy_data, tmp_path, referenc
     assert not torch.allclose(first, fresh, atol=1e-3)
 
 
-def test_checkpoint_saved_by_two_ranks_resumes_on_one(toy_data, tmp_path, reference):
-    # Uninterrupted single process over the whole schedule...
-    straight = tmp_path / "straight"
-    _run(_train_args(toy_data, straight, 4, 2))
-    # ...equals: FSDP on 2 ranks for the first STEPS steps, then a single process resuming the rest.
+@pytest.fixture(scope="module")
+def straight(toy_data, tmp_path_factory) -> Path:
+    """One process over the whole schedule, uninterrupted."""
+    out = tmp_path_factory.mktemp("dist") / "straight"
+    _run(_train_args(toy_data, out, 4, 2))
+    return out
+
+
+def test_checkpoint_saved_by_two_ranks_resumes_on_one(toy_data, tmp_path, straight):
+    # The uninterrupted run equals: FSDP on 2 ranks for the first STEPS steps, then a single process resuming the rest.
     sliced = tmp_path / "sliced"
     _run(_train_args(toy_data, sliced, 4, 1, "--parallel", "fsdp", "--stop-after-steps", str(STEPS)), nproc=2)
     _run(_train_args(toy_data, sliced, 4, 2, "--resume"))
     _assert_same_weights(_weights(sliced), _weights(straight))
+
+
+def test_checkpoint_saved_by_one_rank_resumes_on_two(toy_data, tmp_path, reference, straight):
+    # The reference ran one process (4 x 2 accumulation) for STEPS steps; two DDP ranks (4 x 1 each) finish it and
+    # must end where one process running the whole schedule does: the data position and RNG carry over.
+    grown = tmp_path / "grown"
+    shutil.copytree(reference, grown)
+    _run(_train_args(toy_data, grown, 4, 1, "--parallel", "ddp", "--resume"), nproc=2)
+    _assert_same_weights(_weights(grown), _weights(straight))
+    steps = [row["step"] for row in map(json.loads, (grown / "metrics.jsonl").read_text().splitlines())]
+    assert steps == sorted(steps) and steps[-1] == STEPS + 2

@@ -65,7 +65,11 @@ def test_task_reversal_trains_then_evaluates(tmp_path, capsys, objective):
     assert set(record["metrics"]) == set(SPLITS)
     assert record["model"]["objective"] == objective and len(record["model"]["weights_sha256"]) == 64
     for split, metrics in record["metrics"].items():
-        assert metrics["n"] == 3 and 0 <= metrics["accuracy"] <= 1
+        assert metrics["n"] == 3
+        # All 3 rows are among the examples: the accuracy is the paper's rule (answer contained, any case) on them.
+        examples = record["examples"][split]
+        assert len(examples) == 3 and metrics["accuracy"] == pytest.approx(
+            sum(e["reference"].strip().lower() in e["generation"].lower() for e in examples) / 3)
         assert ("bleu" in metrics) == (SPLITS[split][1] == "description")
         if SPLITS[split][1] == "name":
             assert metrics["rank_n"] == 2 and metrics["rank_chance"] == pytest.approx(1 / 3)

@@ -166,6 +166,42 @@ class _ShardWriter:
         return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents}
 
 
+def tokenizer_record(tokenizer: Tokenizer) -> dict:
+    """The manifest's tokenizer entry; the path is absolute, so training from any directory finds the file."""
+    return {"path": str(tokenizer.path.resolve()), "fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
+
+
+def tokenizer_file(manifest: dict, data_dir: str | Path) -> Path | None:
+    """The tokenizer file a data manifest was tokenized with, checked to exist and to be that same tokenizer.
+
+    Training copies it into every checkpoint (a checkpoint without its tokenizer cannot sample), so a missing file
+    is an error before training starts, never a checkpoint silently saved without it. A relative path is read
+    relative to the manifest's directory (then, for manifests written before paths were made absolute, the current
+    directory); the fingerprint check rules out picking up another file of the same name. None only when the
+    manifest records no tokenizer file at all (synthetic tokens, e.g. benchmarks/synthetic_tokens.py).
+    """
+    entry = manifest.get("tokenizer", {})
+    recorded = entry.get("path")
+    if recorded is None:
+        return None
+    path = Path(recorded)
+    candidates = [path] if path.is_absolute() else [Path(data_dir) / path, path]
+    found = next((c for c in candidates if c.exists()), None)
+    where = Path(data_dir) / MANIFEST
+    if found is None:
+        raise SmdmError(f"{where}: tokenizer file {recorded} not found (checkpoints need a copy of it); "
+                        "run `smdm prepare` again with the tokenizer's current path")
+    if not found.is_file():
+        raise SmdmError(f"{where}: tokenizer {found} is a directory, and a checkpoint stores one tokenizer file; "
+                        "prepare with its tokenizer.json or .model file")
+    fingerprint = Tokenizer.from_file(found).fingerprint
+    if entry.get("fingerprint") is not None and fingerprint != entry["fingerprint"]:
+        raise SmdmError(f"{where}: {found} is not the tokenizer the data was prepared with (fingerprint differs); "
+                        "run `smdm prepare` again")
+    return found.resolve()
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """Smallest dtype that also holds the mask id (= vocab_size), halving disk and page-cache use for <64k vocabs."""
     return np.dtype(np.uint16) if vocab_size + 1 <= 65536 else np.dtype(np.uint32)
@@ -283,12 +319,7 @@ def prepare_corpus(
         manifest = {
             "format": FORMAT,
             "dtype": dtype.name,
-            "tokenizer": {
-                "path": str(tokenizer.path),
-                "fingerprint": tokenizer.fingerprint,
-                "vocab_size": tokenizer.vocab_size,
-                "eos_id": tokenizer.eos_id,
-            },
+            "tokenizer": tokenizer_record(tokenizer),
             "splits": {s: w.close() for s, w in writers.items()},
             "split_by": "tokens" if single else "document",
             "config": asdict(config),

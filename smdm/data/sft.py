@@ -14,7 +14,6 @@ same examples, and fewer EOS targets per row.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -25,8 +24,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from smdm.checkpoint import atomic_replace_dir
 from smdm.data.jsonl import read_records
-from smdm.data.prepare import token_dtype
+from smdm.data.prepare import token_dtype, tokenizer_record
 from smdm.errors import SmdmError
 from smdm.tokenizer import Tokenizer
 
@@ -34,8 +34,8 @@ SFT_FORMAT = "smdm-sft-v1"
 MANIFEST = "manifest.json"
 # Field pairs recognised without configuration, in order of preference.
 FIELD_PAIRS = (("prompt", "completion"), ("prompt", "response"), ("question", "answer"), ("instruction", "output"))
-CHAT_USER, CHAT_ASSISTANT, CHAT_SYSTEM = "<|user|>\n", "<|assistant|>\n", "<|system|>\n"
-_CHAT_TAGS = {"assistant": CHAT_ASSISTANT, "system": CHAT_SYSTEM}
+CHAT_SYSTEM, CHAT_USER, CHAT_ASSISTANT = "<|system|>\n", "<|user|>\n", "<|assistant|>\n"
+CHAT_TAGS = {"system": CHAT_SYSTEM, "user": CHAT_USER, "assistant": CHAT_ASSISTANT}
 
 
 @dataclass
@@ -70,7 +70,7 @@ def chat_text(messages: Sequence[dict], tokenizer: Tokenizer | None = None) -> s
     system messages are system turns."""
     if tokenizer is not None and tokenizer.chat_template is not None:
         return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
-    body = "".join(_CHAT_TAGS.get(str(m.get("role")), CHAT_USER) + m["content"] + "\n" for m in messages)
+    body = "".join(CHAT_TAGS.get(str(m.get("role")), CHAT_USER) + m["content"] + "\n" for m in messages)
     return body + CHAT_ASSISTANT
 
 
@@ -80,12 +80,17 @@ def render_chat(messages: list[dict], where: str, tokenizer: Tokenizer | None = 
         raise SmdmError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     if messages[-1].get("role") != "assistant":
         raise SmdmError(f"{where}: the last message must be the assistant's (the response to learn)")
+    for m in messages:
+        if m.get("role") not in CHAT_TAGS:
+            raise SmdmError(f"{where}: unknown role {m.get('role')!r}; use system, user or assistant")
     return Example(chat_text(messages[:-1], tokenizer), messages[-1]["content"])
 
 
-def chat_prompt(turns: Sequence[tuple[str, str | None]], tokenizer: Tokenizer | None = None) -> str:
-    """The chat template of a prompt: (user, assistant) turns, the last assistant turn None (to be generated)."""
-    messages: list[dict] = []
+def chat_prompt(turns: Sequence[tuple[str, str | None]], tokenizer: Tokenizer | None = None,
+                system: str | None = None) -> str:
+    """The chat template of a prompt: (user, assistant) turns, the last assistant turn None (to be generated),
+    after an optional system message, exactly as `render_chat` renders training conversations."""
+    messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
     for user, assistant in turns:
         messages.append({"role": "user", "content": user})
         if assistant is not None:
@@ -191,8 +196,7 @@ def prepare_sft(paths: Sequence[str | Path], tokenizer: Tokenizer, out_dir: str 
         manifest = {
             "format": SFT_FORMAT,
             "seq_len": seq_len,
-            "tokenizer": {"path": str(tokenizer.path), "fingerprint": tokenizer.fingerprint,
-                          "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
+            "tokenizer": tokenizer_record(tokenizer),
             "splits": manifest_splits,
             "skipped": {"too_long": too_long, "malformed": len(problems)},
             "problems": problems[:20],
@@ -200,11 +204,9 @@ def prepare_sft(paths: Sequence[str | Path], tokenizer: Tokenizer, out_dir: str 
             "sources": [str(Path(p).resolve()) for p in paths],
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            if not (out_dir / MANIFEST).is_file():
-                raise SmdmError(f"{out_dir}: exists and is not a prepared dataset; choose another directory")
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        if out_dir.exists() and not (out_dir / MANIFEST).is_file():
+            raise SmdmError(f"{out_dir}: exists and is not a prepared dataset; choose another directory")
+        atomic_replace_dir(tmp, out_dir)  # the previous data stays whole until the new data is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
