@@ -469,6 +469,12 @@ def generate(model: Transformer, prompt_ids: PromptIds, length: int, steps: int 
     (None: no guidance), threshold and cache (MDM: none|prefix|dual; ARM: kv|none) are described in the module
     docstring. on_step(step, tokens) sees the token grid after every step ([MASK] where still hidden).
     """
+    if getattr(model, "diffusion_block_size", None):  # block diffusion (BD3-LM): its own sampler
+        from smdm.block_diffusion import generate_blocks
+
+        return generate_blocks(model, prompt_ids, length, steps, temperature, generator, on_step, remasking=remasking,
+                               block_length=block_length, cfg_scale=cfg_scale, threshold=threshold, cache=cache,
+                               top_p=top_p, eos_id=eos_id, stop_at_eos=stop_at_eos)
     plan = make_plan(model, length, steps, temperature, remasking=remasking, block_length=block_length,
                      cfg_scale=cfg_scale, threshold=threshold, cache=cache, top_p=top_p, eos_id=eos_id,
                      stop_at_eos=stop_at_eos)
