@@ -1,0 +1,78 @@
+"""Training throughput of block diffusion (BD3-LM) against the MDM, per token, side by side on CPU.
+
+One timed step is a full training step (zero_grad, loss, backward, AdamW). The MDM runs `mdm_step_loss` over
+L tokens; block diffusion runs `bdm_step_loss`, one vectorised pass over 2L tokens (noisy and clean copies) under
+the block mask. Both are credited with batch x L tokens, so the ratio is the cost of block diffusion's extra copy.
+The models are timed in interleaved rounds whose order reverses every round (see train_throughput.py); the
+ratio is the median of per-round ratios, each from back-to-back blocks.
+
+    python benchmarks/bdm_throughput.py --threads 1                 # tiny-6m, batch 8 x 256, B in {4, 16}
+    python benchmarks/bdm_throughput.py --block-sizes 4 --steps 3 --rounds 3 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_throughput import Runner, n_params, time_rounds, warm_up  # noqa: E402
+
+from smdm.block_diffusion import bdm_step_loss  # noqa: E402
+from smdm.config import ModelConfig  # noqa: E402
+from smdm.diffusion import mdm_step_loss  # noqa: E402
+from smdm.model import Transformer  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="tiny-6m")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print("command:", shlex.join(["python", "benchmarks/bdm_throughput.py", *(argv or sys.argv[1:])]))
+    cfg = ModelConfig.from_name(args.config, vocab_size=args.vocab_size, block_size=max(args.seq_len, 1))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; config {cfg.name} ({cfg.n_layer} layers, "
+          f"width {cfg.n_embd}), batch {args.batch_size} x {args.seq_len}, {args.dtype}")
+
+    torch.manual_seed(0)
+    mdm = Transformer(cfg).train()
+    generator = torch.Generator().manual_seed(0)
+    runners = [Runner("MDM", mdm, lambda x: mdm_step_loss(mdm, x, generator), n_params(mdm), args.dtype)]
+    for block_size in args.block_sizes:
+        torch.manual_seed(0)
+        model = Transformer(cfg).train()
+        runners.append(Runner(f"BDM B={block_size}", model,
+                              lambda x, m=model, b=block_size: bdm_step_loss(m, x, b, generator),
+                              n_params(model), args.dtype))
+    data = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), generator=data) for _ in range(2)]
+    runners = warm_up(runners, batches, args.warmup)
+    time_rounds(runners, batches, args.steps, args.rounds, args.batch_size * args.seq_len)
+    base = runners[0].tokens_per_s
+    print("\n| model | tokens/s (median) | MDM / model time ratio (median, min-max) |")
+    print("|---|---|---|")
+    for runner in runners:
+        ratios = [b / r for b, r in zip(base, runner.tokens_per_s, strict=True)]
+        print(f"| {runner.name} | {statistics.median(runner.tokens_per_s):,.0f} | "
+              f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
+
+
+if __name__ == "__main__":
+    main()
