@@ -160,18 +160,3 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
     dist.all_reduce(tensor)
     return float(tensor.item()) / info.world_size
-
-
-# Dense bf16 peak FLOP/s of common accelerators, for MFU. Extend or override with --peak-flops.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
-
-
-def device_peak_flops(device: torch.device) -> float | None:
-    """Peak bf16 FLOP/s of a known GPU (per device), else None: MFU is then not reported."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
-    return None

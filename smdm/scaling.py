@@ -22,32 +22,9 @@ import numpy as np
 
 from smdm.config import ModelConfig, non_embedding_params
 from smdm.errors import SmdmError
+from smdm.flops import FLOPS_COUNTS, FlopsCount, flops_per_token, steps_for_budget  # noqa: F401 -- re-exported for sweeps
 
-FlopsCount = Literal["attention", "6n"]
-FLOPS_COUNTS: tuple[str, ...] = ("attention", "6n")
 MANIFEST_FORMAT = "smdm-sweep-1"
-
-
-# ----------------------------------------------------------------------------------------------------------- FLOPs
-
-
-def flops_per_token(config: ModelConfig, seq_len: int, count: FlopsCount = "attention") -> float:
-    """Training FLOPs per token: 6·N ("6n", the paper's code) or 6·N + 6·L·T·d ("attention", Kaplan et al. 2020).
-
-    6·L·T·d is fwd+bwd of the score and value products over the average (causal) context; one convention for both
-    objectives, so equal C means the same architecture and tokens for an MDM and an ARM.
-    """
-    n = non_embedding_params(config)
-    if count == "6n":
-        return 6.0 * n
-    if count == "attention":
-        return 6.0 * n + 6.0 * config.n_layer * seq_len * config.n_embd
-    raise SmdmError(f"unknown FLOPs count {count!r}; use one of {', '.join(FLOPS_COUNTS)}")
-
-
-def steps_for_budget(flops: float, per_token: float, tokens_per_step: int) -> int:
-    """Whole optimizer steps that fit in a budget (the last partial step is dropped, so no run exceeds it)."""
-    return int(flops // (per_token * tokens_per_step))
 
 
 # -------------------------------------------------------------------------------------------------------- planning

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from smdm.config import ModelConfig
 from smdm.errors import SmdmError
-from smdm.scaling import PlannedRun, RunResult, flops_per_token
+from smdm.scaling import PlannedRun, RunResult
 
 LOCK_FILE = ".sweep.lock"
 
@@ -255,9 +255,3 @@ def describe_plan(runs: list[PlannedRun]) -> str:
     total = sum(r.flops for r in runs)
     rows.append(f"{len(runs)} runs, {total:.3g} FLOPs in all")
     return "\n".join(rows)
-
-
-def attention_share(model: str, seq_len: int) -> float:
-    """How much the 6N count undercounts a model: 1 - 6N / (6N + 6LTd)."""
-    config = ModelConfig.from_name(model)
-    return 1 - flops_per_token(config, seq_len, "6n") / flops_per_token(config, seq_len, "attention")

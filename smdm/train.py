@@ -1,9 +1,10 @@
-"""ONE training loop for masked diffusion (MDM) and autoregressive (ARM) models.
+"""ONE training loop for every family (MDM, ARM, ...) and stage (pre-training, SFT).
 
-The objective is a switch, not a second script: both see the same data, schedule, optimizer and checkpoints,
-so MDM-vs-ARM comparisons are fair. Budgets come as steps, tokens or FLOPs (C = 6·N·D, N = non-embedding
-parameters, as the paper counts). A run directory holds `metrics.jsonl`, `checkpoint/` and `summary.json`;
-`resume=True` continues bit-exactly from the last checkpoint (weights, optimizer, data position, RNG).
+The objective (`smdm.objectives`) is a value, not a second script: every family sees the same data, schedule,
+optimizer and checkpoints, so MDM-vs-ARM comparisons are fair. Budgets come as steps, tokens, epochs or FLOPs (counted
+by `smdm.flops`, the same account as the IsoFLOP sweeps). A run directory holds `train_config.json` (re-runnable with
+`smdm train --config`), `metrics.jsonl`, `checkpoint/` and `summary.json`; `resume=True` continues bit-exactly from
+the last checkpoint (weights, optimizer, data position, RNG).
 """
 
 from __future__ import annotations
@@ -15,29 +16,22 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from smdm.checkpoint import load_checkpoint, resolve_checkpoint_dir, save_checkpoint
+from smdm.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_dir, save_checkpoint
 from smdm.config import ModelConfig, non_embedding_params
 from smdm.data.packed import PackedDataset, load_manifest
 from smdm.data.sft import SFTDataset, read_sft_manifest
-from smdm.diffusion import (
-    arm_sft_step_loss,
-    arm_step_loss,
-    mdm_sft_step_loss,
-    mdm_step_loss,
-    random_length,
-)
+from smdm.diffusion import random_length
 from smdm.distributed import (
     DistInfo,
     all_reduce_mean,
     destroy_distributed,
-    device_peak_flops,
     full_model_state,
     full_optimizer_state,
     init_distributed,
@@ -47,19 +41,19 @@ from smdm.distributed import (
     resolve_strategy,
 )
 from smdm.errors import SmdmError
+from smdm.flops import FLOPS_COUNTS, device_peak_flops, flops_per_token, hardware_flops_per_token
 from smdm.model import Transformer
-
-Objective = Literal["mdm", "arm"]
+from smdm.objectives import Objective, make_objective, objective_names
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs; saved in the run directory so a run can be inspected and resumed."""
+    """Everything a run needs; saved as train_config.json so a run can be inspected, re-run and resumed."""
 
     data_dir: str
     out_dir: str
     model: str = "tiny-3m"
-    objective: Objective = "mdm"
+    objective: str = "mdm"  # a name from smdm.objectives.OBJECTIVES
     seq_len: int | None = None  # default: the model's block size
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -72,7 +66,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_steps: int | None = None
     max_tokens: int | None = None
-    flops: float | None = None  # C = 6·N·D
+    flops: float | None = None  # compute budget, counted as `flops_count` says (smdm.flops)
+    flops_count: str = "attention"  # 6·N + 6·L·T·d, as the IsoFLOP sweeps count; "6n": the paper's code
     epochs: float | None = None  # passes over the training split (natural for SFT)
     stop_after_steps: int | None = None  # end this job early (with a checkpoint); resume later: time-sliced jobs
     random_length_prob: float = 0.01  # fraction of batches cut to a random length
@@ -92,30 +87,70 @@ class TrainConfig:
     compile: bool = False  # torch.compile each Transformer block
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
     peak_flops: float | None = None  # per-device peak FLOP/s for the MFU column (known GPUs are detected)
+    tensorboard: bool = False  # also log to OUT/tensorboard through torch.utils.tensorboard
     resume: bool = False
     init_from: str | None = None  # start from these weights and their config (fine-tuning); --model is ignored
     progress: bool = True
 
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """A recorded run config (e.g. RUN/train_config.json); `overrides` replace its fields."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise SmdmError(f"{path}: no such run config") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise SmdmError(f"{path}: not a JSON run config ({error})") from None
+        if not isinstance(values, dict):
+            raise SmdmError(f"{path}: a run config is a JSON object of TrainConfig fields")
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise SmdmError(f"{path}: unknown run-config fields {', '.join(unknown)}")
+        values.update(overrides)
+        values.setdefault("data_dir", "")
+        values.setdefault("out_dir", "")
+        return cls(**values)
+
+    def make_objective(self) -> Objective:
+        """The family this run trains, with its options."""
+        return make_objective(self.objective, low_discrepancy=self.low_discrepancy,
+                              prompt_dropout=self.prompt_dropout)
+
     def validate(self) -> None:
+        """Refuse impossible settings before anything is read or written."""
         budgets = [b for b in (self.max_steps, self.max_tokens, self.flops, self.epochs) if b is not None]
         if len(budgets) != 1:
             raise SmdmError("give exactly one budget: --max-steps, --max-tokens, --flops or --epochs")
-        if any(b <= 0 for b in budgets):
-            raise SmdmError("the training budget must be positive")
-        if self.objective not in ("mdm", "arm"):
-            raise SmdmError(f"unknown objective {self.objective!r}; use mdm or arm")
+        if any(not b > 0 or not math.isfinite(b) for b in budgets):
+            raise SmdmError("the training budget must be a positive finite number")
+        if self.objective not in objective_names():
+            raise SmdmError(f"unknown objective {self.objective!r}; use one of {', '.join(objective_names())}")
+        if self.flops_count not in FLOPS_COUNTS:
+            raise SmdmError(f"unknown FLOPs count {self.flops_count!r}; use one of {', '.join(FLOPS_COUNTS)}")
         for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "eval_blocks",
                      "eval_mc_samples", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise SmdmError(f"{name} must be at least 1")
-        if not 0 <= self.random_length_prob <= 1:
-            raise SmdmError("random_length_prob must lie in [0, 1]")
-        if self.lr <= 0:
-            raise SmdmError("lr must be positive")
+        for name in ("seq_len", "threads", "stop_after_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SmdmError(f"{name} must be at least 1")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise SmdmError("warmup_steps must be at least 0")
+        for name, low, high in (("random_length_prob", 0, 1), ("min_lr_ratio", 0, 1), ("beta1", 0, 1),
+                                ("beta2", 0, 1)):
+            if not low <= getattr(self, name) <= high:
+                raise SmdmError(f"{name} must lie in [{low}, {high}]")
+        for name in ("lr", "grad_clip", "peak_flops"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise SmdmError(f"{name} must be a positive finite number, got {value}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise SmdmError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.prompt_dropout < 1:
             raise SmdmError("prompt_dropout must lie in [0, 1)")
-        if self.prompt_dropout > 0 and self.objective == "arm":
+        if self.prompt_dropout > 0 and not self.objective == "mdm":
             raise SmdmError("prompt dropout trains classifier-free guidance, which only MDMs support")
+        self.make_objective()
 
 
 def autocast_context(device: torch.device, dtype: str):
@@ -134,19 +169,16 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr_rati
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def total_steps_for(config: TrainConfig, tokens_per_step: int, n_params: int, rows: int | None = None,
+def total_steps_for(config: TrainConfig, tokens_per_step: int, per_token_flops: float, rows: int | None = None,
                     rows_per_step: int | None = None) -> int:
-    """Optimizer steps implied by the budget; FLOPs use C = 6·N·D; epochs need the split's rows per step."""
+    """Optimizer steps implied by the budget; FLOPs divide by `per_token_flops`; epochs need rows per step."""
     if config.max_steps is not None:
         return int(config.max_steps)
     if config.epochs is not None:
         if not rows or not rows_per_step:
             raise SmdmError("an --epochs budget needs a dataset with a known number of rows")
         return max(1, math.ceil(config.epochs * rows / rows_per_step))
-    if config.max_tokens is not None:
-        tokens = config.max_tokens
-    else:
-        tokens = config.flops / (6 * n_params)
+    tokens = config.max_tokens if config.max_tokens is not None else config.flops / per_token_flops
     steps = int(tokens // tokens_per_step)
     if steps < 1:
         raise SmdmError(f"the budget covers {int(tokens)} tokens, less than one step of {tokens_per_step} tokens")
@@ -156,12 +188,6 @@ def total_steps_for(config: TrainConfig, tokens_per_step: int, n_params: int, ro
 def step_generator(seed: int, step: int, micro: int, rank: int = 0) -> torch.Generator:
     """The random stream of one micro-batch: a pure function of (seed, step, micro, rank), so a resume replays it."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 131 + rank)
-
-
-def model_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (matmul parameters incl. the head) + the attention term 12·L·d·T (PaLM)."""
-    matmul_params = non_embedding_params(config) + config.vocab_size * config.n_embd
-    return 6.0 * matmul_params + 12.0 * config.n_layer * config.n_embd * seq_len
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -174,13 +200,14 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.de
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, blocks: torch.Tensor, objective: Objective, mc_samples: int = 4,
+def evaluate(model: Transformer, blocks: torch.Tensor, objective: Objective | str, mc_samples: int = 4,
              batch_size: int = 16, device: torch.device | str = "cpu", dtype: str = "auto",
              seed: int = 1234, prompt_lengths: torch.Tensor | None = None) -> float:
-    """Validation loss in nats/token. MDM: the ELBO bound averaged over mc_samples fixed mask draws per block.
+    """Validation loss in nats/token, the objective's true bound (MDM: the ELBO over mc_samples fixed mask draws).
 
     With `prompt_lengths` (SFT rows) the loss covers response tokens only, as in training.
     """
+    objective = make_objective(objective) if isinstance(objective, str) else objective
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -189,17 +216,7 @@ def evaluate(model: Transformer, blocks: torch.Tensor, objective: Objective, mc_
         for start in range(0, blocks.size(0), batch_size):
             batch = blocks[start:start + batch_size].to(device)
             lengths = None if prompt_lengths is None else prompt_lengths[start:start + batch_size]
-            if objective == "arm":
-                loss = arm_step_loss(model, batch) if lengths is None else arm_sft_step_loss(model, batch, lengths)
-                total += loss.item() * batch.size(0)
-                count += batch.size(0)
-                continue
-            for draw in range(mc_samples):
-                generator = torch.Generator().manual_seed(seed + 7919 * draw + start)
-                if lengths is None:
-                    loss = mdm_step_loss(model, batch, generator, low_discrepancy=True)
-                else:
-                    loss = mdm_sft_step_loss(model, batch, lengths, generator, low_discrepancy=True)
+            for loss in objective.validation_draws(model, batch, lengths, mc_samples, seed + start):
                 total += loss.item() * batch.size(0)
                 count += batch.size(0)
     model.train(was_training)
@@ -207,25 +224,38 @@ def evaluate(model: Transformer, blocks: torch.Tensor, objective: Objective, mc_
 
 
 class MetricsLog:
-    """Append-only JSONL log; on resume, rows past the checkpoint's step are dropped (they will be redone)."""
+    """Append-only JSONL log (and optionally TensorBoard); on resume, rows past the checkpoint's step are dropped."""
 
-    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+    def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None) -> None:
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None:
             path.write_text("")
+        self.writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SmdmError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(tensorboard_dir), purge_step=resume_step)
 
     def write(self, row: dict[str, Any]) -> None:
+        """Append one row; numbers also go to TensorBoard under their names, against the step."""
         with open(self.path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, row["step"])
+            self.writer.flush()
 
-
-def _iterate_steps(start: int, end: int, enabled: bool) -> Iterator[tuple[int, Any]]:
-    bar = tqdm(range(start, end), initial=start, total=end, disable=not enabled, unit="step", dynamic_ncols=True)
-    for step in bar:
-        yield step, bar
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer, if any."""
+        if self.writer is not None:
+            self.writer.close()
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -242,23 +272,36 @@ def train(config: TrainConfig) -> dict[str, Any]:
             destroy_distributed()
 
 
-def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
-    device = info.device
-    strategy = resolve_strategy(config.parallel, info)
-    out_dir = Path(config.out_dir)
-    checkpoint_dir = out_dir / "checkpoint"
+@dataclass
+class RunData:
+    """A run's data: the training stream, fixed validation rows, and what the tokenizer was."""
 
-    manifest = read_sft_manifest(config.data_dir)
-    sft = manifest is not None
-    manifest = manifest or load_manifest(config.data_dir)
-    vocab_size = int(manifest["tokenizer"]["vocab_size"])
+    train: PackedDataset | SFTDataset
+    val_blocks: torch.Tensor
+    val_prompt_lengths: torch.Tensor | None  # SFT: prompt length of each validation row
+    seq_len: int
+    sft: bool
+    tokenizer: dict[str, Any]  # the data manifest's tokenizer record
+
+
+def starting_point(config: TrainConfig, objective: Objective, vocab_size: int) -> tuple[Checkpoint | None,
+                                                                                       ModelConfig]:
+    """The weights to start from (--init-from, unless resuming) and the model config of the run."""
     initial = load_checkpoint(config.init_from) if config.init_from and not config.resume else None
-    if initial is not None and initial.config.vocab_size != vocab_size:
+    if initial is None:
+        return None, ModelConfig.from_name(config.model, vocab_size=vocab_size)
+    if initial.config.vocab_size != vocab_size:
         raise SmdmError(f"{config.init_from}: vocabulary {initial.config.vocab_size} != data's {vocab_size}")
-    if initial is not None and initial.meta.get("objective", config.objective) != config.objective:
-        raise SmdmError(f"{config.init_from}: an {initial.meta['objective']} checkpoint cannot start an "
-                        f"{config.objective} run; pass --objective {initial.meta['objective']}")
-    model_config = initial.config if initial else ModelConfig.from_name(config.model, vocab_size=vocab_size)
+    family = initial.meta.get("objective", objective.name)
+    if family != objective.name:
+        raise SmdmError(f"{config.init_from}: an {family} checkpoint cannot start an {objective.name} run; "
+                        f"pass --objective {family}")
+    return initial, initial.config
+
+
+def load_run_data(config: TrainConfig, objective: Objective, model_config: ModelConfig, manifest: dict[str, Any],
+                  sft: bool, info: DistInfo) -> RunData:
+    """Open the training stream (this rank's share) and the validation rows, checking lengths against the model."""
     if sft:  # rows have the length fixed when the examples were prepared
         seq_len = int(manifest["seq_len"])
         if config.seq_len is not None and config.seq_len != seq_len:
@@ -277,158 +320,245 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
         val_split = "val" if manifest["splits"].get("val", {}).get("examples") else "train"
         val_blocks, val_prompt_lengths = SFTDataset(config.data_dir, val_split, shuffle=False).rows(config.eval_blocks)
     else:
-        # An ARM block carries one extra token so it predicts seq_len targets, like the MDM sees seq_len tokens.
-        block_len = seq_len + 1 if config.objective == "arm" else seq_len
+        block_len = objective.block_length(seq_len)
         train_data = PackedDataset(config.data_dir, "train", seq_len=block_len, seed=config.seed,
                                    rank=info.rank, world_size=info.world_size)
         val_blocks = PackedDataset(config.data_dir, "val", seq_len=block_len, shuffle=False).blocks(config.eval_blocks)
+    return RunData(train_data, val_blocks, val_prompt_lengths, seq_len, sft, train_data.manifest.get("tokenizer", {}))
 
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    model = Transformer(model_config, causal=config.objective == "arm")
-    n_params = non_embedding_params(model_config)
-    tokens_per_step = config.batch_size * config.grad_accum * seq_len * info.world_size
-    total_steps = total_steps_for(config, tokens_per_step, n_params, rows=len(train_data),
-                                  rows_per_step=config.batch_size * config.grad_accum * info.world_size)
-    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 100)
 
-    tokenizer_info = train_data.manifest.get("tokenizer", {})
-    start_step, tokens_seen, train_state = 0, 0, None
-    if config.resume and _has_checkpoint(checkpoint_dir):
-        loaded = load_checkpoint(checkpoint_dir, with_train_state=True)
-        if loaded.meta.get("objective") != config.objective or loaded.config != model_config:
-            raise SmdmError(f"{checkpoint_dir}: checkpoint is a {loaded.meta.get('objective')} "
-                            f"{loaded.config.name}, not this run's {config.objective} {model_config.name}")
-        if loaded.meta.get("tokenizer", {}).get("fingerprint") != tokenizer_info.get("fingerprint"):
-            raise SmdmError(f"{checkpoint_dir}: checkpoint was trained with another tokenizer than {config.data_dir}")
-        model.load_state_dict(loaded.model.state_dict())
-        train_state = loaded.train_state
-        if train_state is None:
-            raise SmdmError(f"{checkpoint_dir}: no training state to resume from (state.pt missing)")
-    elif initial is not None:
-        model.load_state_dict(initial.model.state_dict())
+@dataclass
+class Run:
+    """The live state of a run: what the loop's steps, evaluations and checkpoints act on."""
 
-    model.to(device).train()
-    train_model = parallelize(model, strategy, info, config.activation_checkpointing, config.compile)
-    optimizer = make_optimizer(train_model, config, device)
-    if train_state is not None:
-        load_full_optimizer_state(train_model, optimizer, train_state["optimizer"])
-        train_data.load_state_dict(train_state["data"])
-        torch.set_rng_state(train_state["torch_rng"])
-        random.setstate(train_state["python_rng"])
-        start_step, tokens_seen = train_state["step"], train_state["tokens"]
+    config: TrainConfig
+    info: DistInfo
+    objective: Objective
+    model_config: ModelConfig
+    data: RunData
+    model: Transformer  # the plain model (evaluation, checkpoints)
+    train_model: torch.nn.Module  # the same model, parallelized
+    optimizer: torch.optim.Optimizer
+    strategy: str
+    total_steps: int
+    warmup: int
+    meta: dict[str, Any]
+    tokenizer_file: Path | None
+    start_step: int = 0
+    tokens_seen: int = 0
+    resumed: bool = False
+    last_lr: float = 0.0  # of the latest step, for the log
+    last_grad_norm: Any = None
 
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
-        log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start_step if train_state is not None else None)
-    else:
-        log = None
-    flops_per_token = model_flops_per_token(model_config, seq_len)
-    peak_flops = config.peak_flops or device_peak_flops(device)
-    meta = {
-        "objective": config.objective,
-        "tokenizer": {k: tokenizer_info.get(k) for k in ("fingerprint", "vocab_size", "eos_id")},
-        "non_embedding_params": n_params,
-        "sft": sft,
-    }
-    tokenizer_file = Path(tokenizer_info["path"]) if tokenizer_info.get("path") else None
-    if tokenizer_file is not None and not tokenizer_file.is_file():
-        tokenizer_file = None
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.config.out_dir) / "checkpoint"
 
-    def checkpoint(step: int, tokens: int) -> None:
-        # Gathering is collective (every rank takes part); only rank 0 writes.
-        weights = full_model_state(train_model)
-        optimizer_state = full_optimizer_state(train_model, optimizer)
-        if info.is_main:
+    def per_token_flops(self) -> float:
+        """Budget FLOPs per token under the run's count (smdm.flops)."""
+        return flops_per_token(self.model_config, self.data.seq_len, self.config.flops_count)
+
+    def evaluate(self) -> float:
+        """Validation loss of the current weights."""
+        config = self.config
+        return evaluate(self.model, self.data.val_blocks, self.objective, config.eval_mc_samples,
+                        config.eval_batch_size, self.info.device, config.dtype,
+                        prompt_lengths=self.data.val_prompt_lengths)
+
+    def save(self, step: int) -> None:
+        """Checkpoint weights, optimizer, data position and RNG. Gathering is collective; only rank 0 writes."""
+        weights = full_model_state(self.train_model)
+        optimizer_state = full_optimizer_state(self.train_model, self.optimizer)
+        if self.info.is_main:
             state = {
-                "step": step, "tokens": tokens, "optimizer": optimizer_state, "data": train_data.state_dict(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "world_size": info.world_size,
+                "step": step, "tokens": self.tokens_seen, "optimizer": optimizer_state,
+                "data": self.data.train.state_dict(), "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(), "world_size": self.info.world_size,
             }
-            save_checkpoint(checkpoint_dir, weights, model_config, {**meta, "step": step, "tokens": tokens},
-                            train_state=state, tokenizer_file=tokenizer_file)
-        if info.distributed:
+            save_checkpoint(self.checkpoint_dir, weights, self.model_config,
+                            {**self.meta, "step": step, "tokens": self.tokens_seen}, train_state=state,
+                            tokenizer_file=self.tokenizer_file)
+        if self.info.distributed:
             torch.distributed.barrier()
 
-    val_loss = None
-    window_start, window_tokens = time.perf_counter(), 0
-    loss_value = float("nan")
-    end_step = min(total_steps, config.stop_after_steps or total_steps)
-    for step, bar in _iterate_steps(start_step, end_step, config.progress and info.is_main):
-        lr = lr_at(step, total_steps, warmup, config.lr, config.min_lr_ratio)
-        for group in optimizer.param_groups:
+    def step(self, step: int) -> tuple[float, int]:
+        """One optimizer step over grad_accum micro-batches: (mean loss, model inputs processed on this rank)."""
+        config, info, device = self.config, self.info, self.info.device
+        lr = lr_at(step, self.total_steps, self.warmup, config.lr, config.min_lr_ratio)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        step_loss = 0.0
+        step_loss, inputs = 0.0, 0
         for micro in range(config.grad_accum):
             # Keyed by the global micro-batch index, so N ranks x k micro-batches replay 1 rank x N·k exactly.
             generator = step_generator(config.seed, step, micro * info.world_size + info.rank)
-            if sft:
-                tokens, prompt_lengths = train_data.next_batch(config.batch_size)
+            prompt_lengths = None
+            if self.data.sft:
+                tokens, prompt_lengths = self.data.train.next_batch(config.batch_size)
                 tokens = tokens.to(device)
             else:
-                tokens = train_data.next_batch(config.batch_size)
+                tokens = self.data.train.next_batch(config.batch_size)
                 tokens = random_length(tokens, config.random_length_prob, generator,
-                                       min_length=2 if config.objective == "arm" else 1).to(device)
+                                       min_length=self.objective.min_length()).to(device)
             last = micro == config.grad_accum - 1
-            with no_gradient_sync(train_model, strategy, last), autocast_context(device, config.dtype):
-                if sft and config.objective == "mdm":
-                    loss = mdm_sft_step_loss(train_model, tokens, prompt_lengths, generator, config.prompt_dropout,
-                                             config.low_discrepancy, mask_id=model.mask_id)
-                elif sft:
-                    loss = arm_sft_step_loss(train_model, tokens, prompt_lengths)
-                elif config.objective == "mdm":
-                    loss = mdm_step_loss(train_model, tokens, generator, config.low_discrepancy,
-                                         mask_id=model.mask_id)
+            with no_gradient_sync(self.train_model, self.strategy, last), autocast_context(device, config.dtype):
+                if prompt_lengths is None:
+                    loss = self.objective.loss(self.train_model, tokens, generator, self.model.mask_id)
                 else:
-                    loss = arm_step_loss(train_model, tokens)
+                    loss = self.objective.sft_loss(self.train_model, tokens, prompt_lengths, generator,
+                                                   self.model.mask_id)
                 (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
-            window_tokens += tokens.size(0) * (tokens.size(1) - (config.objective == "arm" and not sft))
-        grad_norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += tokens_per_step
-        done = step + 1
+            inputs += self.objective.targets(tokens, self.data.sft)
+        self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.train_model.parameters(), config.grad_clip)
+        self.last_lr = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.tokens_seen += config.batch_size * config.grad_accum * self.data.seq_len * info.world_size
         if not math.isfinite(step_loss):
-            raise SmdmError(f"loss became {step_loss} at step {done}; lower the learning rate")
-        loss_value = step_loss if math.isnan(loss_value) else 0.9 * loss_value + 0.1 * step_loss
-        if done % config.log_every == 0 or done == total_steps:
-            elapsed = time.perf_counter() - window_start
-            tps = window_tokens * info.world_size / max(elapsed, 1e-9)  # global tokens/s
-            global_loss = all_reduce_mean(step_loss, info)
-            row = {"step": done, "tokens": tokens_seen, "lr": lr, "loss": global_loss,
-                   "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                   "tokens_per_s": tps}
-            if peak_flops:
-                row["mfu"] = flops_per_token * tps / (peak_flops * info.world_size)
-            if device.type == "cuda":
-                row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if log is not None:
-                log.write(row)
-            postfix = {"loss": f"{loss_value:.3f}", "tok_s": f"{tps:,.0f}"}
-            if "mfu" in row:
-                postfix["mfu"] = f"{row['mfu']:.1%}"
-            bar.set_postfix(postfix, refresh=False)
-            window_start, window_tokens = time.perf_counter(), 0
-        if done % config.eval_every == 0 or done == total_steps:
-            val_loss = evaluate(model, val_blocks, config.objective, config.eval_mc_samples,
-                                config.eval_batch_size, device, config.dtype, prompt_lengths=val_prompt_lengths)
-            if log is not None:
-                log.write({"step": done, "tokens": tokens_seen, "val_loss": val_loss})
-                bar.write(f"step {done}: val loss {val_loss:.4f} nats/token", file=sys.stderr)
-        if done % config.save_every == 0 or done in (total_steps, end_step):
-            checkpoint(done, tokens_seen)
+            raise SmdmError(f"loss became {step_loss} at step {step + 1}; lower the learning rate")
+        return step_loss, inputs
 
-    if start_step >= total_steps and val_loss is None:
-        val_loss = evaluate(model, val_blocks, config.objective, config.eval_mc_samples,
-                            config.eval_batch_size, device, config.dtype, prompt_lengths=val_prompt_lengths)
+
+def build_run(config: TrainConfig, info: DistInfo) -> Run:
+    """Data, model, optimizer and schedule of a run, restored from its checkpoint when resuming."""
+    objective = config.make_objective()
+    manifest = read_sft_manifest(config.data_dir)
+    sft = manifest is not None
+    manifest = manifest or load_manifest(config.data_dir)
+    initial, model_config = starting_point(config, objective, int(manifest["tokenizer"]["vocab_size"]))
+    data = load_run_data(config, objective, model_config, manifest, sft, info)
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model = Transformer(model_config, causal=objective.causal)
+    n_params = non_embedding_params(model_config)
+    tokens_per_step = config.batch_size * config.grad_accum * data.seq_len * info.world_size
+    total_steps = total_steps_for(config, tokens_per_step,
+                                  flops_per_token(model_config, data.seq_len, config.flops_count),
+                                  rows=len(data.train),
+                                  rows_per_step=config.batch_size * config.grad_accum * info.world_size)
+    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 100)
+    checkpoint_dir = Path(config.out_dir) / "checkpoint"
+    train_state = _resume_state(config, objective, model_config, data, checkpoint_dir, model)
+    if train_state is None and initial is not None:
+        model.load_state_dict(initial.model.state_dict())
+
+    model.to(info.device).train()
+    strategy = resolve_strategy(config.parallel, info)
+    train_model = parallelize(model, strategy, info, config.activation_checkpointing, config.compile)
+    optimizer = make_optimizer(train_model, config, info.device)
+    meta = {"objective": objective.name, **({"objective_options": objective.options()} if objective.options()
+                                            else {}),
+            "tokenizer": {k: data.tokenizer.get(k) for k in ("fingerprint", "vocab_size", "eos_id")},
+            "non_embedding_params": n_params, "sft": sft}
+    tokenizer_file = Path(data.tokenizer["path"]) if data.tokenizer.get("path") else None
+    if tokenizer_file is not None and not tokenizer_file.is_file():
+        tokenizer_file = None
+    run = Run(config, info, objective, model_config, data, model, train_model, optimizer, strategy, total_steps,
+              warmup, meta, tokenizer_file)
+    if train_state is not None:
+        load_full_optimizer_state(train_model, optimizer, train_state["optimizer"])
+        data.train.load_state_dict(train_state["data"])
+        torch.set_rng_state(train_state["torch_rng"])
+        random.setstate(train_state["python_rng"])
+        run.start_step, run.tokens_seen, run.resumed = train_state["step"], train_state["tokens"], True
+    return run
+
+
+def _resume_state(config: TrainConfig, objective: Objective, model_config: ModelConfig, data: RunData,
+                  checkpoint_dir: Path, model: Transformer) -> dict[str, Any] | None:
+    """With --resume and a checkpoint: load its weights into `model` and return its training state."""
+    if not (config.resume and _has_checkpoint(checkpoint_dir)):
+        return None
+    loaded = load_checkpoint(checkpoint_dir, with_train_state=True)
+    if (loaded.meta.get("objective") != objective.name or loaded.config != model_config
+            or loaded.meta.get("objective_options", {}) != objective.options()):
+        raise SmdmError(f"{checkpoint_dir}: checkpoint is a {loaded.meta.get('objective')} "
+                        f"{loaded.config.name}, not this run's {objective.name} {model_config.name}")
+    if loaded.meta.get("tokenizer", {}).get("fingerprint") != data.tokenizer.get("fingerprint"):
+        raise SmdmError(f"{checkpoint_dir}: checkpoint was trained with another tokenizer than {config.data_dir}")
+    model.load_state_dict(loaded.model.state_dict())
+    if loaded.train_state is None:
+        raise SmdmError(f"{checkpoint_dir}: no training state to resume from (state.pt missing)")
+    return loaded.train_state
+
+
+def _open_log(run: Run) -> MetricsLog | None:
+    """Rank 0 writes train_config.json and the metrics log (cut back to the checkpoint on resume)."""
+    if not run.info.is_main:
+        return None
+    out_dir = Path(run.config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_config.json").write_text(json.dumps(asdict(run.config), indent=2))
+    return MetricsLog(out_dir / "metrics.jsonl", resume_step=run.start_step if run.resumed else None,
+                      tensorboard_dir=out_dir / "tensorboard" if run.config.tensorboard else None)
+
+
+def _iterate_steps(start: int, end: int, enabled: bool) -> Iterator[tuple[int, Any]]:
+    bar = tqdm(range(start, end), initial=start, total=end, disable=not enabled, unit="step", dynamic_ncols=True)
+    for step in bar:
+        yield step, bar
+
+
+def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
+    run = build_run(config, info)
+    log = _open_log(run)
+    hardware_flops = hardware_flops_per_token(run.model_config, run.data.seq_len)
+    peak_flops = config.peak_flops or device_peak_flops(info.device)
+    val_loss = None
+    window_start, window_inputs = time.perf_counter(), 0
+    smoothed = float("nan")
+    end_step = min(run.total_steps, config.stop_after_steps or run.total_steps)
+    try:
+        for step, bar in _iterate_steps(run.start_step, end_step, config.progress and info.is_main):
+            step_loss, inputs = run.step(step)
+            window_inputs += inputs
+            done = step + 1
+            smoothed = step_loss if math.isnan(smoothed) else 0.9 * smoothed + 0.1 * step_loss
+            if done % config.log_every == 0 or done == run.total_steps:
+                elapsed = time.perf_counter() - window_start
+                tps = window_inputs * info.world_size / max(elapsed, 1e-9)  # global tokens/s
+                grad_norm = run.last_grad_norm
+                row = {"step": done, "tokens": run.tokens_seen, "lr": run.last_lr,
+                       "loss": all_reduce_mean(step_loss, info),
+                       "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                       "tokens_per_s": tps}
+                if peak_flops:
+                    row["mfu"] = hardware_flops * tps / (peak_flops * info.world_size)
+                if info.device.type == "cuda":
+                    row["peak_memory_gb"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+                if log is not None:
+                    log.write(row)
+                postfix = {"loss": f"{smoothed:.3f}", "tok_s": f"{tps:,.0f}"}
+                if "mfu" in row:
+                    postfix["mfu"] = f"{row['mfu']:.1%}"
+                bar.set_postfix(postfix, refresh=False)
+                window_start, window_inputs = time.perf_counter(), 0
+            if done % config.eval_every == 0 or done == run.total_steps:
+                val_loss = run.evaluate()
+                if log is not None:
+                    log.write({"step": done, "tokens": run.tokens_seen, "val_loss": val_loss})
+                    bar.write(f"step {done}: val loss {val_loss:.4f} nats/token", file=sys.stderr)
+            if done % config.save_every == 0 or done in (run.total_steps, end_step):
+                run.save(done)
+    finally:
+        if log is not None:
+            log.close()
+    if run.start_step >= run.total_steps and val_loss is None:
+        val_loss = run.evaluate()
+    return _write_summary(run, val_loss)
+
+
+def _write_summary(run: Run, val_loss: float | None) -> dict[str, Any]:
+    n_params = non_embedding_params(run.model_config)
     summary = {
-        "objective": config.objective, "model": model_config.name, "non_embedding_params": n_params,
-        "steps": total_steps, "tokens": tokens_seen, "flops_6nd": 6.0 * n_params * tokens_seen,
-        "final_val_loss": val_loss, "checkpoint": str(checkpoint_dir),
+        "objective": run.objective.name, "model": run.model_config.name, "non_embedding_params": n_params,
+        "steps": run.total_steps, "tokens": run.tokens_seen, "flops_6nd": 6.0 * n_params * run.tokens_seen,
+        "flops": run.per_token_flops() * run.tokens_seen, "flops_count": run.config.flops_count,
+        "final_val_loss": val_loss, "checkpoint": str(run.checkpoint_dir),
     }
-    if info.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if run.info.is_main:
+        (Path(run.config.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from smdm.config import ModelConfig, non_embedding_params
 from smdm.errors import SmdmError
+from smdm.flops import flops_per_token
 from smdm.train import TrainConfig, lr_at, total_steps_for, train
 
 
@@ -40,14 +41,19 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
 def test_budgets_in_steps_tokens_and_flops():
     base = TrainConfig(data_dir="", out_dir="")
     n = non_embedding_params(ModelConfig.from_name("smdm-170m"))
-    assert total_steps_for(TrainConfig(data_dir="", out_dir="", max_steps=7), 1000, n) == 7
-    assert total_steps_for(TrainConfig(data_dir="", out_dir="", max_tokens=10_000), 1000, n) == 10
+    assert total_steps_for(TrainConfig(data_dir="", out_dir="", max_steps=7), 1000, 6 * n) == 7
+    assert total_steps_for(TrainConfig(data_dir="", out_dir="", max_tokens=10_000), 1000, 6 * n) == 10
     # The paper's recipe: 170M (N = 169,897,728) at 10e18 FLOPs with 256 x 2048 tokens per step:
-    # D = 1e19 / (6 N) = 9.8098e9 tokens = 18710.5 steps of 524,288 tokens.
+    # D = 1e19 / (6 N) = 9.8098e9 tokens = 18710.5 steps of 524,288 tokens (the paper's 6N count) ...
     assert n == 169_897_728
-    assert total_steps_for(TrainConfig(data_dir="", out_dir="", flops=10e18), 256 * 2048, n) == 18710
+    config = ModelConfig.from_name("smdm-170m")
+    flops_6n = flops_per_token(config, 2048, "6n")
+    assert total_steps_for(TrainConfig(data_dir="", out_dir="", flops=10e18), 256 * 2048, flops_6n) == 18710
+    # ... and 16,038 with the attention term, the default count that the IsoFLOP sweeps also use.
+    flops_attention = flops_per_token(config, 2048, TrainConfig(data_dir="", out_dir="").flops_count)
+    assert total_steps_for(TrainConfig(data_dir="", out_dir="", flops=10e18), 256 * 2048, flops_attention) == 16038
     with pytest.raises(SmdmError, match="less than one step"):
-        total_steps_for(TrainConfig(data_dir="", out_dir="", flops=1e6), 1000, n)
+        total_steps_for(TrainConfig(data_dir="", out_dir="", flops=1e6), 1000, 6 * n)
     with pytest.raises(SmdmError, match="exactly one budget"):
         TrainConfig(data_dir="", out_dir="", max_steps=1, flops=1.0).validate()
     assert base.objective == "mdm"
@@ -163,13 +169,13 @@ def test_activation_checkpointing_changes_memory_not_results(toy_data, tmp_path)
     assert plain["final_val_loss"] == pytest.approx(recomputed["final_val_loss"], abs=1e-5)
 
 
-def test_model_flops_per_token_counts_head_and_attention():
-    from smdm.train import model_flops_per_token
+def test_hardware_flops_per_token_counts_head_and_attention():
+    from smdm.flops import hardware_flops_per_token
 
     config = ModelConfig.from_name("smdm-170m")
     n = non_embedding_params(config)
     expected = 6 * (n + 32000 * 768) + 12 * 18 * 768 * 2048
-    assert model_flops_per_token(config, 2048) == expected
+    assert hardware_flops_per_token(config, 2048) == expected
 
 
 def test_init_from_starts_with_the_given_weights(toy_data, tmp_path):

@@ -1,0 +1,145 @@
+"""One Objective type per model family: what the training loop, evaluation and the loaders ask instead of strings.
+
+An objective knows its losses (pre-training and SFT), whether its Transformer is `causal`, how long a training block
+is, how many targets a block carries and how validation draws its noise. The loop (`smdm.train`) is the same for
+every family; adding one (block diffusion, Arriola et al. 2025) is one new class registered in `OBJECTIVES`.
+The math itself lives in `smdm.diffusion` as pure tensor functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from smdm.diffusion import arm_sft_step_loss, arm_step_loss, mdm_sft_step_loss, mdm_step_loss
+from smdm.errors import SmdmError
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The interface every family implements; options are fields of the subclass (recorded in checkpoints)."""
+
+    name: ClassVar[str]
+    causal: ClassVar[bool]
+
+    def block_length(self, seq_len: int) -> int:
+        """Tokens in one packed pre-training block that yields `seq_len` model inputs."""
+        return seq_len
+
+    def min_length(self) -> int:
+        """The shortest block the random-length cut may leave (the paper cuts 1% of batches to [1, L])."""
+        return 1
+
+    def targets(self, tokens: torch.Tensor, sft: bool) -> int:
+        """Model inputs a batch carries (the tokens/s column counts these)."""
+        return tokens.numel()
+
+    def loss(self, model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator,
+             mask_id: int) -> torch.Tensor:
+        """One draw of the pre-training loss on clean blocks (B, block_length)."""
+        raise NotImplementedError
+
+    def sft_loss(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
+                 generator: torch.Generator, mask_id: int) -> torch.Tensor:
+        """One draw of the fine-tuning loss: response tokens only."""
+        raise NotImplementedError
+
+    def validation_draws(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor | None,
+                         draws: int, seed: int) -> Iterator[torch.Tensor]:
+        """The validation loss of one batch, once per fixed noise draw (deterministic given `seed`)."""
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The family's own options, as recorded in a checkpoint beside its name."""
+        return {}
+
+
+@dataclass(frozen=True)
+class Autoregressive(Objective):
+    """Next-token prediction; a block carries one extra token so it predicts seq_len targets."""
+
+    name: ClassVar[str] = "arm"
+    causal: ClassVar[bool] = True
+
+    def block_length(self, seq_len: int) -> int:
+        return seq_len + 1
+
+    def min_length(self) -> int:
+        return 2
+
+    def targets(self, tokens: torch.Tensor, sft: bool) -> int:
+        return tokens.numel() if sft else tokens.size(0) * (tokens.size(1) - 1)
+
+    def loss(self, model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator,
+             mask_id: int) -> torch.Tensor:
+        return arm_step_loss(model, tokens)
+
+    def sft_loss(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
+                 generator: torch.Generator, mask_id: int) -> torch.Tensor:
+        return arm_sft_step_loss(model, tokens, prompt_lengths)
+
+    def validation_draws(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor | None,
+                         draws: int, seed: int) -> Iterator[torch.Tensor]:
+        # Exact: one pass, whatever the number of draws asked for the MDM.
+        yield arm_step_loss(model, tokens) if prompt_lengths is None else arm_sft_step_loss(model, tokens,
+                                                                                           prompt_lengths)
+
+
+@dataclass(frozen=True)
+class MaskedDiffusion(Objective):
+    """The MDM's ELBO (Nie et al. 2025, Eq. 3); `low_discrepancy` stratifies t across a batch, `prompt_dropout`
+    hides whole prompts in SFT (standard CFG training)."""
+
+    name: ClassVar[str] = "mdm"
+    causal: ClassVar[bool] = False
+    low_discrepancy: bool = False
+    prompt_dropout: float = 0.0
+
+    def loss(self, model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator,
+             mask_id: int) -> torch.Tensor:
+        return mdm_step_loss(model, tokens, generator, self.low_discrepancy, mask_id=mask_id)
+
+    def sft_loss(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
+                 generator: torch.Generator, mask_id: int) -> torch.Tensor:
+        return mdm_sft_step_loss(model, tokens, prompt_lengths, generator, self.prompt_dropout,
+                                 self.low_discrepancy, mask_id=mask_id)
+
+    def validation_draws(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor | None,
+                         draws: int, seed: int) -> Iterator[torch.Tensor]:
+        # The true ELBO whatever the training recipe: stratified t, fixed seeds, so every number compares.
+        for draw in range(draws):
+            generator = torch.Generator().manual_seed(seed + 7919 * draw)
+            if prompt_lengths is None:
+                yield mdm_step_loss(model, tokens, generator, low_discrepancy=True)
+            else:
+                yield mdm_sft_step_loss(model, tokens, prompt_lengths, generator, low_discrepancy=True)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (MaskedDiffusion, Autoregressive)}
+
+
+def objective_names() -> list[str]:
+    """The families `--objective` accepts."""
+    return list(OBJECTIVES)
+
+
+def make_objective(name: str, **options: Any) -> Objective:
+    """The objective `name` with its options; options of other families are refused, not ignored."""
+    if name not in OBJECTIVES:
+        raise SmdmError(f"unknown objective {name!r}; use one of {', '.join(OBJECTIVES)}")
+    cls = OBJECTIVES[name]
+    allowed = set(cls.__dataclass_fields__)
+    for option, value in options.items():
+        if option not in allowed and value not in (None, False, 0, 0.0):
+            raise SmdmError(f"{option.replace('_', '-')} is not an option of the {name} objective")
+    return cls(**{k: v for k, v in options.items() if k in allowed})
+
+
+def is_causal(name: str) -> bool:
+    """Whether the family's Transformer is causal (without building the objective)."""
+    if name not in OBJECTIVES:
+        raise SmdmError(f"unknown objective {name!r}; use one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name].causal
