@@ -136,10 +136,12 @@ def mask_blocks(tokens: torch.Tensor, block_times: torch.Tensor, block_size: int
 def bdm_step_loss(model: torch.nn.Module, tokens: torch.Tensor, block_size: int,
                   generator: torch.Generator | None = None, t_min: float = MASK_EPS, t_max: float = 1.0,
                   low_discrepancy: bool = False, mask_id: int | None = None) -> torch.Tensor:
-    """One Monte-Carlo draw of the block-diffusion loss, sum of CE / t over masked tokens / (batch x length)."""
-    check_block_size(block_size, tokens.size(1))
+    """One Monte-Carlo draw of the block-diffusion loss, sum of CE / t over masked tokens / (batch x length).
+
+    A length that is not a multiple of the block size (a random-length batch) ends in a shorter last block.
+    """
     mask_id = model.mask_id if mask_id is None else mask_id
-    times = sample_block_times(tokens.size(0), tokens.size(1) // block_size, generator, t_min, t_max,
+    times = sample_block_times(tokens.size(0), -(-tokens.size(1) // block_size), generator, t_min, t_max,
                                low_discrepancy)
     noisy, masked, mask_prob = mask_blocks(tokens, times, block_size, mask_id, generator)
     return block_diffusion_ce(model, tokens, noisy, masked, mask_prob, block_size).sum() / tokens.numel()
@@ -155,12 +157,11 @@ def bdm_sft_step_loss(model: torch.nn.Module, tokens: torch.Tensor, prompt_lengt
     prompt_dropout hides a row's prompt behind [MASK] in both streams (the unconditional model of classifier-free
     guidance, which the sampler reproduces by caching the [MASK]ed prompt).
     """
-    check_block_size(block_size, tokens.size(1))
     mask_id = model.mask_id if mask_id is None else mask_id
     batch, length = tokens.shape
     prompt_lengths = prompt_lengths.to(tokens.device)
     response = response_positions(prompt_lengths, length)
-    times = sample_block_times(batch, length // block_size, generator, t_min, t_max, low_discrepancy)
+    times = sample_block_times(batch, -(-length // block_size), generator, t_min, t_max, low_discrepancy)
     noisy, masked, mask_prob = mask_blocks(tokens, times, block_size, mask_id, generator, maskable=response)
     clean = tokens
     if prompt_dropout > 0:
@@ -377,6 +378,25 @@ def block_sample(model: Transformer, prompts: list[list[int]], length: int, sett
     return layout, x, passes
 
 
+def block_settings(model: Transformer, length: int, steps: int | None = None, temperature: float = 0.0, *,
+                   remasking: str = "low_confidence", block_length: int | None = None, cfg_scale: float | None = None,
+                   threshold: float | None = None, cache: str | None = None, top_p: float = 1.0,
+                   eos_id: int | None = None, stop_at_eos: bool = False) -> BlockSampler:
+    """Validate `generate`'s options for a block-diffusion model (its block size is the model's, not an option)."""
+    block_size = model.diffusion_block_size
+    if block_length is not None and block_length != block_size:
+        raise SmdmError(f"this block-diffusion model was trained with block size {block_size}; "
+                        f"block length {block_length} does not match it")
+    if cache not in (None, "kv", "none"):
+        raise SmdmError(f"unknown block-diffusion cache {cache!r}; use kv or none")
+    if length < 1:
+        raise SmdmError(f"the generation length must be at least 1, got {length}")
+    if stop_at_eos and eos_id is None:
+        raise SmdmError("stop_at_eos needs the EOS id")
+    return BlockSampler(block_size, block_size if steps is None else steps, remasking, temperature, top_p,
+                        threshold, cfg_scale, cache != "none")
+
+
 def generate_blocks(model: Transformer, prompt_ids, length: int, steps: int | None = None, temperature: float = 0.0,
                     generator: torch.Generator | None = None, on_step: Callable[[int, torch.Tensor], None] | None = None,
                     *, remasking: str = "low_confidence", block_length: int | None = None,
@@ -390,18 +410,9 @@ def generate_blocks(model: Transformer, prompt_ids, length: int, steps: int | No
     """
     from smdm.sample import Generation, _as_prompt_lists, truncate_at_eos
 
-    block_size = model.diffusion_block_size
-    if block_length is not None and block_length != block_size:
-        raise SmdmError(f"this block-diffusion model was trained with block size {block_size}; "
-                        f"block length {block_length} does not match it")
-    if cache not in (None, "kv", "none"):
-        raise SmdmError(f"unknown block-diffusion cache {cache!r}; use kv or none")
-    if length < 1:
-        raise SmdmError(f"the generation length must be at least 1, got {length}")
-    if stop_at_eos and eos_id is None:
-        raise SmdmError("stop_at_eos needs the EOS id")
-    settings = BlockSampler(block_size, block_size if steps is None else steps, remasking, temperature, top_p,
-                            threshold, cfg_scale, cache != "none")
+    settings = block_settings(model, length, steps, temperature, remasking=remasking, block_length=block_length,
+                              cfg_scale=cfg_scale, threshold=threshold, cache=cache, top_p=top_p, eos_id=eos_id,
+                              stop_at_eos=stop_at_eos)
     prompts = _as_prompt_lists(prompt_ids)
     vocab = model.config.vocab_size
     if any(not 0 <= i < vocab for prompt in prompts for i in prompt):

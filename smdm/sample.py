@@ -299,6 +299,14 @@ def make_plan(model: Transformer, length: int, steps: int | None = None, tempera
               threshold: float | None = None, cache: str | None = None, top_p: float = 1.0,
               eos_id: int | None = None, stop_at_eos: bool = False) -> Plan:
     """Validate every sampler option at once, so bad input fails before any model call."""
+    if getattr(model, "diffusion_block_size", None):  # block diffusion validates its own options
+        from smdm.block_diffusion import block_settings
+
+        settings = block_settings(model, length, steps, temperature, remasking=remasking, block_length=block_length,
+                                  cfg_scale=cfg_scale, threshold=threshold, cache=cache, top_p=top_p, eos_id=eos_id,
+                                  stop_at_eos=stop_at_eos)
+        return Plan(length, settings.steps, settings.block_size, remasking, temperature, top_p, cfg_scale, threshold,
+                    cache or "kv", eos_id, stop_at_eos)  # type: ignore[arg-type]
     if length < 1:
         raise SmdmError(f"the generation length must be at least 1, got {length}")
     if temperature < 0 or not math.isfinite(temperature):

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from smdm.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_dir, save_checkpoint
-from smdm.config import ModelConfig, non_embedding_params
+from smdm.config import CONFIGS, ModelConfig, non_embedding_params
 from smdm.data.packed import PackedDataset, load_manifest
 from smdm.data.sft import SFTDataset, read_sft_manifest
 from smdm.diffusion import random_length
@@ -73,6 +73,9 @@ class TrainConfig:
     random_length_prob: float = 0.01  # fraction of batches cut to a random length
     low_discrepancy: bool = False  # stratified t across a batch for the MDM training loss
     prompt_dropout: float = 0.0  # SFT, MDM: hide each example's whole prompt with this probability (standard CFG)
+    diffusion_block_size: int | None = None  # bdm: tokens per diffusion block (BD3-LM); must divide seq_len
+    mask_rate_min: float | None = None  # bdm: clipped masking-rate range for training (BD3-LM), default [1e-3, 1]
+    mask_rate_max: float | None = None
     eval_every: int = 100
     eval_blocks: int = 32  # validation blocks
     eval_mc_samples: int = 4  # MDM: mask draws averaged per validation block
@@ -114,7 +117,8 @@ class TrainConfig:
     def make_objective(self) -> Objective:
         """The family this run trains, with its options."""
         return make_objective(self.objective, low_discrepancy=self.low_discrepancy,
-                              prompt_dropout=self.prompt_dropout)
+                              prompt_dropout=self.prompt_dropout, diffusion_block_size=self.diffusion_block_size,
+                              mask_rate_min=self.mask_rate_min, mask_rate_max=self.mask_rate_max)
 
     def validate(self) -> None:
         """Refuse impossible settings before anything is read or written."""
@@ -148,9 +152,13 @@ class TrainConfig:
             raise SmdmError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.prompt_dropout < 1:
             raise SmdmError("prompt_dropout must lie in [0, 1)")
-        if self.prompt_dropout > 0 and not self.objective == "mdm":
+        if self.prompt_dropout > 0 and self.objective not in ("mdm", "bdm"):
             raise SmdmError("prompt dropout trains classifier-free guidance, which only MDMs support")
-        self.make_objective()
+        objective = self.make_objective()
+        if self.init_from is None and self.model.lower() in CONFIGS:  # before any data is written
+            objective.check_context(CONFIGS[self.model.lower()].block_size)
+        if self.seq_len is not None:
+            objective.check_context(self.seq_len)
 
 
 def autocast_context(device: torch.device, dtype: str):
@@ -296,6 +304,10 @@ def starting_point(config: TrainConfig, objective: Objective, vocab_size: int) -
     if family != objective.name:
         raise SmdmError(f"{config.init_from}: an {family} checkpoint cannot start an {objective.name} run; "
                         f"pass --objective {family}")
+    block = initial.meta.get("objective_options", {}).get("diffusion_block_size")
+    if block is not None and block != getattr(objective, "diffusion_block_size", None):
+        raise SmdmError(f"{config.init_from}: a bdm checkpoint trained with block size {block} cannot start a run "
+                        f"with --diffusion-block-size {objective.diffusion_block_size}")
     return initial, initial.config
 
 
@@ -426,6 +438,7 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     sft = manifest is not None
     manifest = manifest or load_manifest(config.data_dir)
     initial, model_config = starting_point(config, objective, int(manifest["tokenizer"]["vocab_size"]))
+    objective.check_context(model_config.block_size)
     data = load_run_data(config, objective, model_config, manifest, sft, info)
 
     torch.manual_seed(config.seed)

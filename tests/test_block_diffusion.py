@@ -145,8 +145,20 @@ def test_training_loss_has_gradients_and_sft_ignores_the_prompt():
 def test_block_size_must_divide_the_context():
     with pytest.raises(SmdmError, match="must divide"):
         check_block_size(3, 8)
-    with pytest.raises(SmdmError, match="must divide"):
-        bdm_step_loss(bd_model(3), torch.zeros(1, 8, dtype=torch.long), 3)
+
+
+def test_a_short_last_block_is_scored_like_a_block_of_its_own():
+    """A random-length batch may end inside a block: its tokens form a shorter last block."""
+    model = bd_model(3)
+    tokens = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(6))
+    loss = bdm_step_loss(model, tokens, 3, t_min=1.0, t_max=1.0)
+    pieces = []
+    for start in (0, 3, 6):
+        end = min(start + 3, 7)
+        x = torch.cat([tokens[:, :start], torch.full((2, end - start), model.mask_id)], dim=1)
+        pieces.append(model(x, attn_mask=block_causal_mask(torch.arange(end), end, 3))[:, start:])
+    expected = F.cross_entropy(torch.cat(pieces, dim=1).flatten(0, 1).float(), tokens.flatten())
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
 # --- Sampling ------------------------------------------------------------------------------------------------------
