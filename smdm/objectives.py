@@ -25,6 +25,7 @@ class Objective:
 
     name: ClassVar[str]
     causal: ClassVar[bool]
+    compute_factor: ClassVar[float] = 1.0  # training FLOPs per token relative to one pass over the block
 
     def block_length(self, seq_len: int) -> int:
         """Tokens in one packed pre-training block that yields `seq_len` model inputs."""
@@ -133,6 +134,8 @@ class BlockDiffusion(Objective):
 
     name: ClassVar[str] = "bdm"
     causal: ClassVar[bool] = False
+    # One pass over 2L tokens: twice the matmuls, and (block-sparse) attention over about as many keys per query.
+    compute_factor: ClassVar[float] = 2.0
     diffusion_block_size: int | None = None
     low_discrepancy: bool = False
     prompt_dropout: float = 0.0

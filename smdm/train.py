@@ -368,7 +368,8 @@ class Run:
 
     def per_token_flops(self) -> float:
         """Budget FLOPs per token under the run's count (smdm.flops)."""
-        return flops_per_token(self.model_config, self.data.seq_len, self.config.flops_count)
+        return self.objective.compute_factor * flops_per_token(self.model_config, self.data.seq_len,
+                                                               self.config.flops_count)
 
     def evaluate(self) -> float:
         """Validation loss of the current weights."""
@@ -447,7 +448,8 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     n_params = non_embedding_params(model_config)
     tokens_per_step = config.batch_size * config.grad_accum * data.seq_len * info.world_size
     total_steps = total_steps_for(config, tokens_per_step,
-                                  flops_per_token(model_config, data.seq_len, config.flops_count),
+                                  objective.compute_factor * flops_per_token(model_config, data.seq_len,
+                                                                             config.flops_count),
                                   rows=len(data.train),
                                   rows_per_step=config.batch_size * config.grad_accum * info.world_size)
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 100)
@@ -516,7 +518,7 @@ def _iterate_steps(start: int, end: int, enabled: bool) -> Iterator[tuple[int, A
 def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     run = build_run(config, info)
     log = _open_log(run)
-    hardware_flops = hardware_flops_per_token(run.model_config, run.data.seq_len)
+    hardware_flops = run.objective.compute_factor * hardware_flops_per_token(run.model_config, run.data.seq_len)
     peak_flops = config.peak_flops or device_peak_flops(info.device)
     val_loss = None
     window_start, window_inputs = time.perf_counter(), 0

@@ -75,6 +75,21 @@ def test_bdm_objective_records_its_options_and_clips_training_rates():
     assert objective.block_length(32) == 32
 
 
+def test_a_flops_budget_buys_block_diffusion_half_the_tokens(toy_data, tmp_path, capsys):
+    """A training token costs two passes' worth of compute (the noisy and the clean copy)."""
+    from smdm.config import ModelConfig
+    from smdm.flops import flops_per_token
+
+    budget = 4 * 4 * 32 * flops_per_token(ModelConfig.from_name("tiny-test"), 32)  # 4 MDM steps of 4 x 32 tokens
+    steps = {}
+    for name, extra in (("mdm", []), ("bdm", ["--diffusion-block-size", "4"])):
+        code, stdout, err = run_cli(capsys, "train", "--data", str(toy_data), "--out", str(tmp_path / name),
+                                    "--objective", name, *extra, "--flops", str(budget * 1.0001), *COMMON)
+        assert code == 0, err
+        steps[name] = json.loads(stdout)["steps"]
+    assert steps == {"mdm": 4, "bdm": 2}
+
+
 def test_smdm_sft_with_block_diffusion(tmp_path, capsys):
     from smdm.tokenizer import train_bpe
 
