@@ -42,6 +42,18 @@ def test_bdm_trains_records_its_block_size_and_loads_as_block_diffusion(toy_data
     nll, stderr = sequence_nll(model, torch.tensor([5, 6, 7, 8, 9, 10]), mc_samples=8)
     assert math.isfinite(nll) and stderr > 0
     assert score(model, [5, 6], [7, 8, 9], mc_samples=8).target_tokens == 3
+    # The inference commands: `smdm sample` through the block sampler, `smdm likelihood` through the block ELBO.
+    code, stdout, err = run_cli(capsys, "sample", "--checkpoint", str(out), "--prompt", "the cat", "--prompt", "a",
+                                "--length", "6", "--steps", "2", "--temperature", "1", "--threads", "1")
+    assert code == 0, err
+    assert len([json.loads(line) for line in stdout.splitlines()]) == 2
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(out), "--length", "6", "--block-length", "8",
+                           "--threads", "1")
+    assert_one_line_error(code, err, "trained with block size 4")
+    code, stdout, err = run_cli(capsys, "likelihood", "--checkpoint", str(out), "--text", "the dog sat on the log",
+                                "--mc-samples", "8", "--threads", "1")
+    assert code == 0, err
+    assert "nll" in stdout
     # Resuming with another block size is refused; so is starting a run from it with another block size.
     code, _, err = run_cli(capsys, "train", "--data", str(toy_data), "--out", str(out), "--objective", "bdm",
                            "--diffusion-block-size", "8", "--max-steps", "70", "--resume", *COMMON)
