@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,10 @@ import torch.nn.functional as F
 from smdm.diffusion import MASK_EPS, response_positions
 from smdm.errors import SmdmError
 from smdm.model import KVCache, Transformer
+
+if TYPE_CHECKING:  # smdm.sample and smdm.likelihood import this module lazily; no import cycle at run time
+    from smdm.likelihood import ScoreResult
+    from smdm.sample import Generation, PromptIds
 
 # --- Attention masks -----------------------------------------------------------------------------------------------
 
@@ -397,11 +402,11 @@ def block_settings(model: Transformer, length: int, steps: int | None = None, te
                         threshold, cfg_scale, cache != "none")
 
 
-def generate_blocks(model: Transformer, prompt_ids, length: int, steps: int | None = None, temperature: float = 0.0,
-                    generator: torch.Generator | None = None, on_step: Callable[[int, torch.Tensor], None] | None = None,
-                    *, remasking: str = "low_confidence", block_length: int | None = None,
+def generate_blocks(model: Transformer, prompt_ids: PromptIds, length: int, steps: int | None = None,
+                    temperature: float = 0.0, generator: torch.Generator | None = None,
+                    on_step: Callable[[int, torch.Tensor], None] | None = None, *, remasking: str = "low_confidence", block_length: int | None = None,
                     cfg_scale: float | None = None, threshold: float | None = None, cache: str | None = None,
-                    top_p: float = 1.0, eos_id: int | None = None, stop_at_eos: bool = False):
+                    top_p: float = 1.0, eos_id: int | None = None, stop_at_eos: bool = False) -> Generation:
     """`smdm.sample.generate` for a block-diffusion model (`model.diffusion_block_size` set by the loader).
 
     steps: denoising passes per block (default: the block size, one token per pass); cache: "kv" (default, exact)
@@ -431,7 +436,7 @@ def generate_blocks(model: Transformer, prompt_ids, length: int, steps: int | No
 
 @torch.no_grad()
 def block_score(model: Transformer, prefix: list[int], target: list[int], block_size: int, mc_samples: int = 64,
-                batch_size: int = 16, seed: int = 0, t_min: float = MASK_EPS):
+                batch_size: int = 16, seed: int = 0, t_min: float = MASK_EPS) -> ScoreResult:
     """Monte-Carlo block ELBO of -log p(target | prefix), with its standard error (a `ScoreResult`).
 
     Blocks are aligned at position 0 of prefix + target; only target tokens are masked, each block at its own rate
