@@ -54,6 +54,16 @@ def test_bdm_trains_records_its_block_size_and_loads_as_block_diffusion(toy_data
                                 "--mc-samples", "8", "--threads", "1")
     assert code == 0, err
     assert "nll" in stdout
+    # A bdm record whose block size cannot tile the context is refused by the loader, in one line.
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(out / "checkpoint", broken)
+    record = json.loads((broken / "config.json").read_text())
+    record["objective_options"]["diffusion_block_size"] = 5
+    (broken / "config.json").write_text(json.dumps(record))
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(broken), "--length", "4", "--threads", "1")
+    assert_one_line_error(code, err, "diffusion block size dividing the context")
     # Resuming with another block size is refused; so is starting a run from it with another block size.
     code, _, err = run_cli(capsys, "train", "--data", str(toy_data), "--out", str(out), "--objective", "bdm",
                            "--diffusion-block-size", "8", "--max-steps", "70", "--resume", *COMMON)
