@@ -3,8 +3,10 @@
 One timed step is a full training step (zero_grad, loss, backward, AdamW). The MDM runs `mdm_step_loss` over
 L tokens; block diffusion runs `bdm_step_loss`, one vectorised pass over 2L tokens (noisy and clean copies) under
 the block mask. Both are credited with batch x L tokens, so the ratio is the cost of block diffusion's extra copy.
-The models are timed in interleaved rounds whose order reverses every round (see train_throughput.py); the
-ratio is the median of per-round ratios, each from back-to-back blocks.
+The models are timed in interleaved rounds whose order reverses every round (as in train_throughput.py); the
+ratio is the median of per-round ratios, each from back-to-back blocks. Both wall time and this process's CPU
+time are reported: on a machine shared with other jobs (one thread here), CPU time excludes the time the process
+waits for a core, so its ratio is the steadier of the two.
 
     python benchmarks/bdm_throughput.py --threads 1                 # tiny-6m, batch 8 x 256, B in {4, 16}
     python benchmarks/bdm_throughput.py --block-sizes 4 --steps 3 --rounds 3 --threads 1
@@ -16,6 +18,7 @@ import argparse
 import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import Runner, n_params, time_rounds, warm_up  # noqa: E402
+from train_throughput import Runner, n_params, warm_up  # noqa: E402
 
 from smdm.block_diffusion import bdm_step_loss  # noqa: E402
 from smdm.config import ModelConfig  # noqa: E402
@@ -64,14 +67,28 @@ def main(argv: list[str] | None = None) -> None:
     data = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), generator=data) for _ in range(2)]
     runners = warm_up(runners, batches, args.warmup)
-    time_rounds(runners, batches, args.steps, args.rounds, args.batch_size * args.seq_len)
-    base = runners[0].tokens_per_s
-    print("\n| model | tokens/s (median) | MDM / model time ratio (median, min-max) |")
-    print("|---|---|---|")
-    for runner in runners:
-        ratios = [b / r for b, r in zip(base, runner.tokens_per_s, strict=True)]
-        print(f"| {runner.name} | {statistics.median(runner.tokens_per_s):,.0f} | "
-              f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
+    wall: dict[str, list[float]] = {r.name: [] for r in runners}
+    cpu: dict[str, list[float]] = {r.name: [] for r in runners}
+    for round_index in range(args.rounds):
+        for runner in runners if round_index % 2 == 0 else runners[::-1]:
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
+            for i in range(args.steps):
+                runner.step(batches[i % len(batches)])
+            wall[runner.name].append(time.perf_counter() - wall_start)
+            cpu[runner.name].append(time.process_time() - cpu_start)
+        print(f"  round {round_index + 1}/{args.rounds}: " + " | ".join(
+            f"{name} {wall[name][-1]:.2f} s wall, {cpu[name][-1]:.2f} s cpu" for name in wall), flush=True)
+    tokens = args.steps * args.batch_size * args.seq_len
+    base = runners[0].name
+    print("\n| model | tokens/s (wall, median) | time vs MDM, wall (median, min-max) "
+          "| time vs MDM, CPU (median, min-max) |")
+    print("|---|---:|---:|---:|")
+    for name in wall:
+        wall_ratios = [t / b for t, b in zip(wall[name], wall[base], strict=True)]
+        cpu_ratios = [t / b for t, b in zip(cpu[name], cpu[base], strict=True)]
+        print(f"| {name} | {tokens / statistics.median(wall[name]):,.0f} | "
+              f"{statistics.median(wall_ratios):.2f}x ({min(wall_ratios):.2f}-{max(wall_ratios):.2f}) | "
+              f"{statistics.median(cpu_ratios):.2f}x ({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}) |")
 
 
 if __name__ == "__main__":
