@@ -165,3 +165,14 @@ CONFIGS.update(
         for name, (layers, heads, width) in _SCALE_SHAPES.items()
     }
 )
+
+
+def config_table() -> str:
+    """The named configs as a text table (`smdm configs`)."""
+    header = (f"{'name':<12} {'layers':>6} {'heads':>5} {'width':>5} {'mlp':>6} {'block':>5} {'non-emb':>9} "
+              f"{'total':>9}")
+    lines = [header]
+    for name, c in CONFIGS.items():
+        lines.append(f"{name:<12} {c.n_layer:>6} {c.n_head:>5} {c.n_embd:>5} {c.intermediate_size:>6} "
+                     f"{c.block_size:>5} {non_embedding_params(c) / 1e6:>8.1f}M {total_params(c) / 1e6:>8.1f}M")
+    return "\n".join(lines)

@@ -329,3 +329,20 @@ def load_smdm_checkpoint(path: str | Path, config_name: str | ModelConfig,
         raise SmdmError(f"{path} does not fit config {config.name}: {str(exc).splitlines()[0]}") from exc
     model.eval()
     return model, config
+
+
+def import_smdm_checkpoint(weights: str | Path, config_name: str, tokenizer_path: str | Path, objective: str,
+                           out: str | Path) -> Path:
+    """`smdm import-smdm`: an ML-GSAI/SMDM weights file as an smdm checkpoint, its tokenizer stored beside it."""
+    from smdm.checkpoint import save_checkpoint
+    from smdm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    model, config = load_smdm_checkpoint(weights, config_name)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise SmdmError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens, {config_name} expects "
+                        f"{config.vocab_size}")
+    meta = {"objective": objective, "imported_from": str(weights),
+            "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+                          "eos_id": tokenizer.eos_id}}
+    return save_checkpoint(out, model, config, meta, tokenizer_file=tokenizer.path)

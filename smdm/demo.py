@@ -16,7 +16,7 @@ from smdm.data.packed import PackedDataset, corpus_unigram_entropy
 from smdm.data.prepare import PrepareConfig, prepare_corpus, read_documents
 from smdm.errors import SmdmError
 from smdm.likelihood import sequence_nll
-from smdm.sample import mdm_generate, truncate_at_eos
+from smdm.sample import generate
 from smdm.tokenizer import Tokenizer, train_bpe
 from smdm.train import TrainConfig, train
 
@@ -87,9 +87,9 @@ def run_demo(config: DemoConfig) -> dict:
     samples = []
     for prompt in config.prompts:
         ids = tokenizer.encode(prompt)
-        out = mdm_generate(checkpoint.model, torch.tensor(ids, dtype=torch.long), config.sample_length,
-                           steps=config.sample_length, generator=generator)
-        text = tokenizer.decode(truncate_at_eos(out[0, len(ids):].tolist(), tokenizer.eos_id))
+        out = generate(checkpoint.model, ids, config.sample_length, config.sample_length, generator=generator,
+                       eos_id=tokenizer.eos_id)
+        text = tokenizer.decode(out.completions[0])
         samples.append({"prompt": prompt, "completion": text})
         print(f"  {prompt!r} -> {text!r}")
 

@@ -52,14 +52,6 @@ def masked_weighted_ce(masked_logits: torch.Tensor, targets: torch.Tensor, maske
     return (token_ce / mask_prob.to(masked_logits.device)[rows]).sum()
 
 
-def mdm_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor, mask_prob: torch.Tensor,
-             normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
-    """sum over masked positions of CE / p, divided by `normalizer` (default batch × length)."""
-    if normalizer is None:
-        normalizer = targets.numel()
-    return masked_weighted_ce(logits[masked], targets, masked, mask_prob) / normalizer
-
-
 def arm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; logits[:, i] predicts targets[:, i]."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from smdm.data.sft import SFTConfig, is_sft_data, prepare_sft
 from smdm.errors import SmdmError
 from smdm.tokenizer import Tokenizer
 from smdm.train import TrainConfig, train
+
+SFT_SETTINGS = "sft_config.json"  # beside train_config.json: what `smdm sft --config` needs besides it
 
 
 def resolve_tokenizer(tokenizer: str | Path | None, init_from: str | Path | None) -> Tokenizer:
@@ -44,7 +47,22 @@ def finetune(files: list[str | Path], train_config: TrainConfig, sft_config: SFT
         if skipped["too_long"] or skipped["malformed"]:
             print(f"sft: skipped {skipped['too_long']} examples longer than the context and "
                   f"{skipped['malformed']} malformed lines")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record = {"files": [str(Path(f).resolve()) for f in files],
+                  "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None, **asdict(sft_config)}
+        (out_dir / SFT_SETTINGS).write_text(json.dumps(record, indent=2))
     return train(replace(train_config, data_dir=str(data_dir)))
+
+
+def read_sft_settings(run_dir: str | Path) -> dict[str, Any]:
+    """The SFT settings a run recorded (files, tokenizer, SFTConfig fields), so `smdm sft --config` re-runs it."""
+    path = Path(run_dir) / SFT_SETTINGS
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SmdmError(f"{path}: unreadable SFT settings ({error})") from None
 
 
 def _block_size(config: TrainConfig) -> int:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from smdm.errors import SmdmError
 from smdm.likelihood import is_greedy_continuation, score
+from smdm.sample import SamplerSettings, generate, prepare_prompts, prompt_room
 
 try:
     from lm_eval.api.model import LM
@@ -38,13 +40,21 @@ class HarnessConfig:
     nll_type: str = "mc"  # MDM scoring: Monte-Carlo bound ("mc") or exact left-to-right chain rule ("chain")
     mc_samples: int = 128
     batch_size: int = 32  # MC draws (or chain-rule rows) per forward pass; prompts per generation batch
-    cfg_scale: float | None = None
     seed: int = 0  # every request uses this seed: choices of one question see the same mask draws
     length: int | None = None  # tokens to generate; default: the task's max_gen_toks
-    steps: int | None = None
-    block_length: int | None = None
-    remasking: str = "low_confidence"
-    temperature: float = 0.0
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)  # its cfg_scale also guides scoring
+
+    @classmethod
+    def from_model_args(cls, checkpoint: str, **options: Any) -> HarnessConfig:
+        """Flat `key=value` model arguments: ours, and any SamplerSettings field (steps, cfg_scale, cache, ...)."""
+        ours = {f.name for f in fields(cls)} - {"sampler"}
+        theirs = set(SamplerSettings.__dataclass_fields__) - {"stop_at_eos"}
+        unknown = sorted(set(options) - ours - theirs)
+        if unknown:
+            raise SmdmError(f"unknown smdm model argument {unknown[0]!r}; use {', '.join(sorted(ours | theirs))}")
+        options = {k: v for k, v in options.items() if v is not None}
+        sampler = SamplerSettings(**{k: v for k, v in options.items() if k in theirs})
+        return cls(checkpoint=checkpoint, sampler=sampler, **{k: v for k, v in options.items() if k in ours})
 
     def __post_init__(self) -> None:
         if self.nll_type not in NLL_TYPES:
@@ -63,12 +73,7 @@ class SmdmLM(LM):
         super().__init__()
         if not checkpoint:
             raise SmdmError("the smdm model needs checkpoint=PATH in its model arguments")
-        known = {f.name for f in fields(HarnessConfig)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise SmdmError(f"unknown smdm model argument {unknown[0]!r}; use {', '.join(sorted(known))}")
-        options = {k: v for k, v in options.items() if v is not None}
-        self.config = HarnessConfig(checkpoint=str(checkpoint), **options)
+        self.config = HarnessConfig.from_model_args(str(checkpoint), **options)
         from smdm.checkpoint import load_for_inference
 
         loaded, self.tokenizer = load_for_inference(self.config.checkpoint, self.config.tokenizer, self.config.device)
@@ -106,7 +111,7 @@ class SmdmLM(LM):
     def _score(self, prefix: list[int], target: list[int]) -> float:
         """-log p(target | prefix) in nats through the shared API."""
         c = self.config
-        options: dict[str, Any] = {"cfg_scale": c.cfg_scale} if c.cfg_scale else {}
+        options: dict[str, Any] = {"cfg_scale": c.sampler.cfg_scale} if c.sampler.cfg_scale else {}
         if not self.model.causal:
             options["batch_size"] = c.batch_size
             if c.nll_type == "mc":
@@ -158,7 +163,7 @@ class SmdmLM(LM):
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         length = self.config.length or int(gen_kwargs.get("max_gen_toks", 64))
-        temperature = float(gen_kwargs.get("temperature", self.config.temperature))
+        temperature = float(gen_kwargs.get("temperature", self.config.sampler.temperature))
         if gen_kwargs.get("do_sample") is False:
             temperature = 0.0
         return until, length, temperature
@@ -166,8 +171,6 @@ class SmdmLM(LM):
     def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
         """Generate `length` tokens per prompt (MDM: one canvas; ARM: greedy/sampled) and cut at the first `until`
         string. Prompts with the same settings are batched; too long a prompt is cut from the left."""
-        from smdm.sample import generate
-
         c = self.config
         generator = torch.Generator().manual_seed(c.seed)
         results: list[str | None] = [None] * len(requests)
@@ -180,14 +183,12 @@ class SmdmLM(LM):
                 raise SmdmError(f"generation length {length} does not fit the model's context {self.block_size}")
             for first in range(0, len(indices), c.batch_size):
                 batch = indices[first:first + c.batch_size]
-                prompts = [self.tokenizer.encode(requests[i].args[0]) for i in batch]
-                if self.model.causal:
-                    prompts = [p or [self.tokenizer.eos_id] for p in prompts]
-                room = self.block_size - length + (1 if self.model.causal else 0)  # an ARM never feeds its last
+                prompts = prepare_prompts(self.model, [self.tokenizer.encode(requests[i].args[0]) for i in batch],
+                                          self.tokenizer.eos_id)
+                room = prompt_room(self.model, length)
                 prompts = [p[max(0, len(p) - room):] for p in prompts]
-                out = generate(self.model, prompts, length, steps=c.steps, temperature=temperature,
-                               generator=generator, block_length=c.block_length, remasking=c.remasking,
-                               cfg_scale=c.cfg_scale, eos_id=self.tokenizer.eos_id)
+                out = generate(self.model, prompts, length, generator=generator, eos_id=self.tokenizer.eos_id,
+                               settings=replace(c.sampler, temperature=temperature))
                 for i, completion in zip(batch, out.completions):
                     results[i] = cut_at(self.tokenizer.decode(completion), until)
         return [r or "" for r in results]
@@ -268,3 +269,15 @@ def evaluate_tasks(tasks: Sequence[str], model_args: str | dict[str, Any], data_
         logging.getLogger("lm_eval.api.task").removeFilter(notice)
     return {key: results[key] for key in ("results", "groups", "configs", "versions", "n-shot", "n-samples")
             if key in results}
+
+
+def write_summary(summary: dict[str, Any], out: str | Path) -> Path:
+    """lm-eval's results as JSON at `out`; an unwritable path is a one-line error."""
+    import json
+
+    path = Path(out)
+    try:
+        path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    except OSError as error:
+        raise SmdmError(f"could not write {path}: {error.strerror or error}") from None
+    return path

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from smdm.diffusion import mask_probability, sample_times
 from smdm.errors import SmdmError
 from smdm.model import Transformer
+
+if TYPE_CHECKING:
+    from smdm.tokenizer import Tokenizer
 
 
 def sequence_nll(model: Transformer, tokens: torch.Tensor, mc_samples: int = 64, seed: int = 0) -> tuple[float, float]:
@@ -218,3 +221,21 @@ def is_greedy_continuation(model: Transformer, prefix: list[int], target: list[i
     except _WrongReveal:
         return False
     return result.completions[0] == target
+
+
+def score_text(model: Transformer, tokenizer: Tokenizer, text: str, prefix: str | None = None, method: str = "mc",
+               cfg_scale: float | None = None, mc_samples: int = 128, seed: int = 0) -> dict[str, float | int]:
+    """`smdm likelihood`: the NLL of `text` (alone, or as a continuation of `prefix`) as a JSON-ready record."""
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise SmdmError("the text is empty")
+    if prefix is None:
+        nll, stderr = sequence_nll(model, torch.tensor(ids), mc_samples=mc_samples, seed=seed)
+        return {"tokens": len(ids), "nll_nats": nll, "stderr": stderr, "nats_per_token": nll / len(ids)}
+    prefix_ids = tokenizer.encode(prefix)
+    options: dict[str, object] = {"cfg_scale": cfg_scale} if cfg_scale else {}
+    if method == "mc" and not model.causal:
+        options.update(mc_samples=mc_samples, seed=seed)
+    result = score(model, prefix_ids, ids, method=method, **options)
+    return {"prefix_tokens": len(prefix_ids), "tokens": len(ids), "nll_nats": result.nll, "stderr": result.stderr,
+            "nats_per_token": result.nll / len(ids), "forward_passes": result.forward_passes}

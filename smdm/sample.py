@@ -22,23 +22,30 @@ positions, so a row of a batch yields the tokens it yields alone.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from smdm.errors import SmdmError
 from smdm.model import Transformer, WindowCache
 
+if TYPE_CHECKING:
+    from smdm.tokenizer import Tokenizer
+
 Remasking = Literal["low_confidence", "random"]
 StepCallback = Callable[[int, torch.Tensor], None]
 PromptIds = torch.Tensor | Sequence[int] | Sequence[Sequence[int] | torch.Tensor]
 MDM_CACHES = ("none", "prefix", "dual")
 ARM_CACHES = ("kv", "none")
+REMASKINGS = ("low_confidence", "random")
+SCHEDULES = ("even", "smdm")  # how many tokens each low-confidence step reveals: LLaDA's, or SMDM's diff_sample
+SMDM_SCHEDULE_EPS = 1e-5  # SMDM's timesteps run linspace(1, eps, steps + 1)
 
 
 @dataclass
@@ -67,6 +74,7 @@ class Plan:
     cache: str
     eos_id: int | None
     stop_at_eos: bool
+    schedule: str = "even"
 
     @property
     def num_blocks(self) -> int:
@@ -75,6 +83,99 @@ class Plan:
     @property
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How to decode, for every family: one type shared by `smdm sample`, the tasks, the lm-eval model and the
+    server. `plan()` validates it against a model and a length, once, before any model call.
+
+    steps (MDM, default: the length), block_length (default: one block), remasking, schedule ("even": LLaDA's
+    split; "smdm": SMDM's diff_sample, floor(n·(1 - s/t)) per step and the rest at the last), temperature, top_p,
+    cfg_scale (MDM; None: no guidance), threshold (MDM parallel decoding) and cache (MDM: none|prefix|dual; ARM:
+    kv|none) are described in the module docstring.
+    """
+
+    steps: int | None = None
+    block_length: int | None = None
+    remasking: str = "low_confidence"
+    schedule: str = "even"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    cfg_scale: float | None = None
+    threshold: float | None = None
+    cache: str | None = None
+    stop_at_eos: bool = False
+
+    @classmethod
+    def from_namespace(cls, args: object, **overrides: object) -> SamplerSettings:
+        """The settings parsed by `add_sampler_args` (attributes of an argparse namespace), then `overrides`."""
+        values = {name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)}
+        values.update(overrides)
+        return cls(**values)
+
+    def options(self) -> dict[str, object]:
+        """The keyword arguments of `generate` / `make_plan` (all but steps and temperature, passed positionally)."""
+        return {"remasking": self.remasking, "block_length": self.block_length, "cfg_scale": self.cfg_scale,
+                "threshold": self.threshold, "cache": self.cache, "top_p": self.top_p,
+                "stop_at_eos": self.stop_at_eos, "schedule": self.schedule}
+
+    def plan(self, model: Transformer, length: int, eos_id: int | None = None) -> Plan:
+        """Validate against a model (its family) and a length; raises SmdmError naming the bad option."""
+        return make_plan(model, length, self.steps, self.temperature, eos_id=eos_id, **self.options())
+
+    def mdm_only(self) -> dict[str, object]:
+        """The options set away from their defaults that only an MDM accepts (flag name -> value)."""
+        defaults = SamplerSettings()
+        names = ("steps", "block_length", "remasking", "schedule", "cfg_scale", "threshold")
+        return {"--" + n.replace("_", "-"): getattr(self, n) for n in names if getattr(self, n) != getattr(defaults, n)}
+
+
+def add_sampler_args(parser: argparse.ArgumentParser, defaults: SamplerSettings = SamplerSettings(),
+                     skip: Sequence[str] = ()) -> None:
+    """Add every sampler option to a parser, choices taken from the sampler's own constants."""
+    from smdm.cli_types import finite_float, positive_int, probability
+
+    options = {
+        "steps": {"type": positive_int, "help": "MDM denoising steps (default: the length)"},
+        "block_length": {"type": positive_int, "help": "MDM semi-autoregressive block length; steps are split "
+                                                     "evenly across blocks (default: the length, one block)"},
+        "remasking": {"choices": REMASKINGS, "help": "MDM: reveal the most confident predictions, or each masked "
+                                                   "token with probability 1 - s/t"},
+        "schedule": {"choices": SCHEDULES, "help": "MDM low-confidence tokens per step: even (LLaDA) or smdm "
+                                                 "(SMDM's diff_sample: floor(n(1 - s/t)), the rest at the last)"},
+        "temperature": {"type": finite_float(0), "help": "0: greedy"},
+        "top_p": {"type": probability, "help": "nucleus sampling mass (with temperature > 0)"},
+        "cfg_scale": {"type": finite_float(), "help": "MDM classifier-free guidance w: uncond + (w + 1)(cond - "
+                                                    "uncond), the prompt masked for uncond"},
+        "threshold": {"type": probability, "help": "MDM parallel decoding: also reveal every token whose "
+                                                 "confidence exceeds this"},
+        "cache": {"choices": sorted(set(MDM_CACHES + ARM_CACHES)),
+                      "help": "MDM: none (exact, default), prefix or dual (Fast-dLLM, approximate); "
+                           "ARM: kv (default) or none"},
+        "stop_at_eos": {"action": "store_true", "help": "stop once every sample has an EOS in its final tokens "
+                                                     "(completions are cut there anyway)"},
+    }
+    for name, spec in options.items():
+        if name in skip:
+            continue
+        if spec.get("action") != "store_true":
+            spec["default"] = getattr(defaults, name)
+        parser.add_argument("--" + name.replace("_", "-"), **spec)
+
+
+def prompt_room(model: Transformer, length: int) -> int:
+    """The longest prompt that fits before `length` generated tokens. An ARM never feeds its last token back, so
+    it needs one position less than the tokens it holds: the one place this rule is written."""
+    return model.config.block_size - length + (1 if model.causal else 0)
+
+
+def prepare_prompts(model: Transformer, prompts: Sequence[Sequence[int]], eos_id: int | None) -> list[list[int]]:
+    """Prompts as a model can take them: an ARM needs a first token, so an empty prompt starts after an EOS (a fresh
+    document, as it saw in training); an MDM takes empty prompts as they are (unconditional samples)."""
+    if model.causal and eos_id is not None:
+        return [list(p) or [eos_id] for p in prompts]
+    return [list(p) for p in prompts]
 
 
 @dataclass(frozen=True)
@@ -167,6 +268,17 @@ def tokens_to_reveal(num_masked: torch.Tensor, steps_left: int) -> torch.Tensor:
     return (num_masked + steps_left - 1) // steps_left
 
 
+def smdm_tokens_to_reveal(num_masked: torch.Tensor, step: int, steps: int) -> torch.Tensor:
+    """SMDM's diff_sample ("greddy"): from t to s on timesteps linspace(1, 1e-5, steps + 1) (float32, as there),
+    int(n·(1 - s/t)) of the n masked tokens, and all that remain at the last step. Its first step reveals 0 tokens
+    when n <= steps; the last step catches up."""
+    if step == steps - 1:
+        return num_masked
+    times = torch.linspace(1, SMDM_SCHEDULE_EPS, steps + 1)
+    share = 1 - times[step + 1] / times[step]
+    return (num_masked.cpu().float() * share).long().to(num_masked.device)
+
+
 def reveal_low_confidence(confidence: torch.Tensor, masked: torch.Tensor, count: torch.Tensor,
                           threshold: float | None = None) -> torch.Tensor:
     """(B, n) positions to reveal: each row's `count` most confident masked ones, plus all above `threshold`.
@@ -242,9 +354,7 @@ def check_prompts(model: Transformer, prompts: list[list[int]], length: int) -> 
         if any(not 0 <= i < vocab for i in prompt):
             raise SmdmError(f"prompt ids must lie in [0, {vocab}) (the vocabulary, [MASK] excluded)")
     longest = max(len(p) for p in prompts)
-    # An ARM never feeds its last token back, so it needs one position less than the tokens it holds.
-    needed = longest + length - (1 if model.causal else 0)
-    if needed > model.config.block_size:
+    if longest > prompt_room(model, length):
         raise SmdmError(f"prompt ({longest}) + generation ({length}) tokens exceed the block size "
                         f"{model.config.block_size}; shorten the prompt or the length")
     if model.causal and min(len(p) for p in prompts) < 1:
@@ -266,7 +376,7 @@ def _mdm_plan(length: int, steps: int | None, block_length: int | None, remaskin
     if steps % num_blocks:
         raise SmdmError(f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks} = {length} / "
                         f"{block_length}) so every block gets the same number of steps")
-    if remasking not in ("low_confidence", "random"):
+    if remasking not in REMASKINGS:
         raise SmdmError(f"unknown remasking {remasking!r}; use low_confidence or random")
     if threshold is not None and not 0 < threshold <= 1:
         raise SmdmError(f"the confidence threshold must lie in (0, 1], got {threshold}")
@@ -297,16 +407,20 @@ def _arm_plan(steps: int | None, block_length: int | None, remasking: str, thres
 def make_plan(model: Transformer, length: int, steps: int | None = None, temperature: float = 0.0, *,
               remasking: str = "low_confidence", block_length: int | None = None, cfg_scale: float | None = None,
               threshold: float | None = None, cache: str | None = None, top_p: float = 1.0,
-              eos_id: int | None = None, stop_at_eos: bool = False) -> Plan:
+              eos_id: int | None = None, stop_at_eos: bool = False, schedule: str = "even") -> Plan:
     """Validate every sampler option at once, so bad input fails before any model call."""
+    if schedule not in SCHEDULES:
+        raise SmdmError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     if getattr(model, "diffusion_block_size", None):  # block diffusion validates its own options
         from smdm.block_diffusion import block_settings
 
+        if schedule != "even":
+            raise SmdmError("the smdm reveal schedule is an MDM option; block diffusion uses the even schedule")
         settings = block_settings(model, length, steps, temperature, remasking=remasking, block_length=block_length,
                                   cfg_scale=cfg_scale, threshold=threshold, cache=cache, top_p=top_p, eos_id=eos_id,
                                   stop_at_eos=stop_at_eos)
         return Plan(length, settings.steps, settings.block_size, remasking, temperature, top_p, cfg_scale, threshold,
-                    cache or "kv", eos_id, stop_at_eos)  # type: ignore[arg-type]
+                    cache or "kv", eos_id, stop_at_eos, schedule)  # type: ignore[arg-type]
     if length < 1:
         raise SmdmError(f"the generation length must be at least 1, got {length}")
     if temperature < 0 or not math.isfinite(temperature):
@@ -318,12 +432,14 @@ def make_plan(model: Transformer, length: int, steps: int | None = None, tempera
     if cfg_scale is not None and not math.isfinite(cfg_scale):
         raise SmdmError(f"cfg_scale must be a finite number, got {cfg_scale}")
     if model.causal:
+        if schedule != "even":
+            raise SmdmError("the reveal schedule is an MDM option; an ARM decodes one token per step")
         cache = _arm_plan(steps, block_length, remasking, threshold, cfg_scale, cache)
         steps, block_length = length, 1
     else:
         steps, block_length, cache = _mdm_plan(length, steps, block_length, remasking, threshold, cache)
     return Plan(length, steps, block_length, remasking, temperature, top_p, cfg_scale, threshold, cache, eos_id,
-                stop_at_eos)  # type: ignore[arg-type]
+                stop_at_eos, schedule)  # type: ignore[arg-type]
 
 
 def _call(model: Transformer, idx: torch.Tensor, **inputs: torch.Tensor | WindowCache | None) -> torch.Tensor:
@@ -385,7 +501,10 @@ def _denoise_step(logits: torch.Tensor, block: torch.Tensor, mask_id: int, plan:
     chosen = candidates.float().gather(-1, predicted[:, None]).squeeze(-1)
     confidence = torch.full(block.shape, -float("inf"), device=block.device)
     confidence[masked] = (chosen - candidates.float().logsumexp(-1)).exp()  # softmax probability of the choice
-    count = tokens_to_reveal(masked.sum(-1), plan.steps_per_block - step)
+    if plan.schedule == "smdm":
+        count = smdm_tokens_to_reveal(masked.sum(-1), step, plan.steps_per_block)
+    else:
+        count = tokens_to_reveal(masked.sum(-1), plan.steps_per_block - step)
     reveal = reveal_low_confidence(confidence, masked, count, plan.threshold)
     return torch.where(reveal, block.masked_scatter(masked, predicted), block)
 
@@ -469,23 +588,31 @@ def generate(model: Transformer, prompt_ids: PromptIds, length: int, steps: int 
              on_step: StepCallback | None = None, *, remasking: Remasking = "low_confidence",
              block_length: int | None = None, cfg_scale: float | None = None, threshold: float | None = None,
              cache: str | None = None, top_p: float = 1.0, eos_id: int | None = None,
-             stop_at_eos: bool = False) -> Generation:
+             stop_at_eos: bool = False, schedule: str = "even",
+             settings: SamplerSettings | None = None) -> Generation:
     """Generate `length` tokens after each prompt: diffusion sampling for an MDM, left-to-right for an ARM.
 
     prompt_ids: one prompt (1-D tensor / list of ints), equal-length rows (2-D tensor) or a list of prompts of any
-    lengths. steps (MDM, default `length`), block_length (default `length`: one block), remasking, cfg_scale
-    (None: no guidance), threshold and cache (MDM: none|prefix|dual; ARM: kv|none) are described in the module
-    docstring. on_step(step, tokens) sees the token grid after every step ([MASK] where still hidden).
+    lengths. The sampler options come either as keywords or as one `settings` (then no other option may be given);
+    they are described in the module docstring and in SamplerSettings. on_step(step, tokens) sees the token grid
+    after every step ([MASK] where still hidden).
     """
+    if settings is not None:
+        given = SamplerSettings(steps, block_length, remasking, schedule, temperature, top_p, cfg_scale, threshold,
+                                cache, stop_at_eos)
+        if given != SamplerSettings():
+            raise SmdmError("pass the sampler options either as settings or as keywords, not both")
+        plan = settings.plan(model, length, eos_id)
+    else:
+        plan = make_plan(model, length, steps, temperature, remasking=remasking, block_length=block_length,
+                         cfg_scale=cfg_scale, threshold=threshold, cache=cache, top_p=top_p, eos_id=eos_id,
+                         stop_at_eos=stop_at_eos, schedule=schedule)
     if getattr(model, "diffusion_block_size", None):  # block diffusion (BD3-LM): its own sampler
         from smdm.block_diffusion import generate_blocks
 
-        return generate_blocks(model, prompt_ids, length, steps, temperature, generator, on_step, remasking=remasking,
-                               block_length=block_length, cfg_scale=cfg_scale, threshold=threshold, cache=cache,
-                               top_p=top_p, eos_id=eos_id, stop_at_eos=stop_at_eos)
-    plan = make_plan(model, length, steps, temperature, remasking=remasking, block_length=block_length,
-                     cfg_scale=cfg_scale, threshold=threshold, cache=cache, top_p=top_p, eos_id=eos_id,
-                     stop_at_eos=stop_at_eos)
+        return generate_blocks(model, prompt_ids, length, plan.steps, plan.temperature, generator, on_step,
+                               remasking=plan.remasking, cfg_scale=plan.cfg_scale, threshold=plan.threshold,
+                               cache=plan.cache, top_p=plan.top_p, eos_id=eos_id, stop_at_eos=plan.stop_at_eos)
     prompts = _as_prompt_lists(prompt_ids)
     check_prompts(model, prompts, length)
     batch = PromptBatch.left_padded(prompts, eos_id if eos_id is not None else 0, model.lm_head.weight.device)
@@ -497,19 +624,27 @@ def generate(model: Transformer, prompt_ids: PromptIds, length: int, steps: int 
     return Generation(tokens, [len(p) for p in prompts], completions, passes, batch.width)
 
 
-def mdm_generate(model: Transformer, prompt: torch.Tensor, gen_length: int, steps: int, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, on_step: StepCallback | None = None) -> torch.Tensor:
-    """Low-confidence remasking in one block: the (B, P + gen_length) tokens; kept for existing callers."""
-    if model.causal:
-        raise SmdmError("diffusion sampling needs an MDM (bidirectional) model, not an ARM")
-    if steps < 1:
-        raise SmdmError(f"steps must be at least 1, got {steps}")
-    return generate(model, prompt, gen_length, min(steps, gen_length), temperature, generator, on_step).tokens
+def generate_texts(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], length: int,
+                   settings: SamplerSettings, batch_size: int = 16, seed: int = 0, bos: bool = False,
+                   on_step: Callable[[int, int, torch.Tensor, int], None] | None = None) -> Iterator[dict]:
+    """Text in, text out, batch by batch: one record {prompt, completion, tokens} per prompt, in order.
 
-
-def arm_generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """KV-cache decoding: the (B, P + max_new_tokens) tokens; kept for existing callers."""
-    if not model.causal:
-        raise SmdmError("autoregressive decoding needs an ARM (causal) model")
-    return generate(model, prompt, max_new_tokens, temperature=temperature, generator=generator).tokens
+    Every option is checked before the first model call. on_step(first_row, step, tokens, width) sees each batch's
+    token grid after every step (`first_row`: the batch's first prompt index; `width`: where generation starts).
+    """
+    if batch_size < 1:
+        raise SmdmError(f"the batch size must be at least 1, got {batch_size}")
+    settings.plan(model, length, tokenizer.eos_id)
+    encoded = [tokenizer.encode(p, bos=tokenizer.bos_id is not None and bos) for p in prompts]
+    encoded = prepare_prompts(model, encoded, tokenizer.eos_id)
+    check_prompts(model, encoded, length)
+    generator = torch.Generator().manual_seed(seed)
+    for first in range(0, len(encoded), batch_size):
+        batch = encoded[first:first + batch_size]
+        width = max(map(len, batch))
+        callback = None if on_step is None else (
+            lambda step, tokens, first=first, width=width: on_step(first, step, tokens, width))
+        result = generate(model, batch, length, generator=generator, on_step=callback, eos_id=tokenizer.eos_id,
+                          settings=settings)
+        for prompt, completion in zip(prompts[first:first + batch_size], result.completions):
+            yield {"prompt": prompt, "completion": tokenizer.decode(completion), "tokens": len(completion)}

@@ -17,14 +17,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from smdm.config import ModelConfig
 from smdm.errors import SmdmError
-from smdm.scaling import PlannedRun, RunResult
+from smdm.scaling import PlannedRun, RunResult, SweepSpec
 
 LOCK_FILE = ".sweep.lock"
 
@@ -85,6 +85,27 @@ class SweepReport:
     trained: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     busy: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line: how many runs were trained, found finished, found running elsewhere, failed."""
+        return (f"{len(self.trained)} trained, {len(self.skipped)} already finished, {len(self.busy)} running "
+                f"elsewhere, {len(self.failed)} failed")
+
+    def raise_for_failures(self, total: int) -> None:
+        """A sweep with failed runs ends as an error naming each run and why."""
+        if self.failed:
+            raise SmdmError(f"{len(self.failed)} of {total} runs failed: "
+                            + "; ".join(f"{name} ({why})" for name, why in self.failed.items()))
+
+
+def select_runs(runs: list[PlannedRun], only: list[str] | None, manifest: str) -> list[PlannedRun]:
+    """The runs named by --only (all by default); an unknown name is an error."""
+    if not only:
+        return runs
+    unknown = sorted(set(only) - {r.name for r in runs})
+    if unknown:
+        raise SmdmError(f"{manifest}: no runs named {', '.join(unknown)}")
+    return [r for r in runs if r.name in only]
 
 
 def _lock(run: PlannedRun) -> int | None:
@@ -255,3 +276,49 @@ def describe_plan(runs: list[PlannedRun]) -> str:
     total = sum(r.flops for r in runs)
     rows.append(f"{len(runs)} runs, {total:.3g} FLOPs in all")
     return "\n".join(rows)
+
+
+def fit_report(spec: SweepSpec, runs: list[PlannedRun], out: str | Path, data_dir: str | None = None,
+               irreducible: bool = False, bootstrap: int = 1000, seed: int = 0,
+               warn: Callable[[str], None] | None = None) -> list[str]:
+    """Fit a sweep's finished runs: writes OUT/scaling.json and the plots; returns the report's lines.
+
+    Runs still missing are skipped, each named through `warn` (before any error); the unigram entropy of the
+    validation split is drawn as a reference line when the data directory can be read.
+    """
+    from dataclasses import asdict
+
+    from smdm.data.packed import corpus_unigram_entropy
+    from smdm.scaling import fit_sweep, plot_sweep
+
+    results, missing = collect_results(runs)
+    for name, why in missing.items():
+        (warn or print)(f"skipped {name}: {why}")
+    lines: list[str] = []
+    if not results:
+        raise SmdmError(f"no finished runs to fit; run `smdm scale run MANIFEST` first ({len(missing)} missing)")
+    report = fit_sweep(results, count=spec.flops_count, irreducible=irreducible, bootstrap=bootstrap, seed=seed)
+    try:  # context for the reader: the loss of a model that ignores context
+        unigram = corpus_unigram_entropy(data_dir or spec.data_dir, "val")
+    except (SmdmError, OSError):
+        unigram = None
+    report.update(sweep=spec.name, unigram_entropy_val=unigram, skipped_runs=missing,
+                  runs=[asdict(r) for r in results])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scaling.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines += report["notes"]
+    for family, entry in report["families"].items():
+        for count in [report["flops_count"], *report["other_counts"]]:
+            law = entry["loss_vs_flops" if count == report["flops_count"] else f"loss_vs_flops_{count}"]
+            ci = law["alpha_ci95"]
+            lines.append(f"{family.upper()} ({count}): L* = {law['A']:.4g} * C^-{law['alpha']:.4f}"
+                         + (f"  alpha 95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+        lines.append(f"{family.upper()}: N* ~ C^{entry['n_opt_exponent']['a']:.3f}, "
+                     f"D* ~ C^{entry['d_opt_exponent']['b']:.3f}")
+    for count, gaps in report.get("compute_gap", {}).items():
+        lines.append(f"compute gap MDM/ARM ({count}): " + ", ".join(
+            f"{g['gap']:.1f}x at {label}" + (f" [{g['ci95'][0]:.1f}, {g['ci95'][1]:.1f}]" if g["ci95"] else "")
+            for label, g in gaps.items()))
+    lines += [f"wrote {path}" for path in [out / "scaling.json", *plot_sweep(results, report, out, unigram)]]
+    return lines

@@ -11,10 +11,15 @@ from smdm.diffusion import (
     arm_loss,
     forward_process,
     mask_probability,
-    mdm_loss,
+    masked_weighted_ce,
     random_length,
     sample_times,
 )
+
+
+def mdm_loss(logits, targets, masked, mask_prob):
+    """The MDM loss from full logits: sum over masked positions of CE / p(t), over batch x length."""
+    return masked_weighted_ce(logits[masked], targets, masked, mask_prob) / targets.numel()
 
 VOCAB = 50
 

@@ -14,9 +14,7 @@ from smdm.config import ModelConfig
 from smdm.errors import SmdmError
 from smdm.model import Transformer
 from smdm.sample import (
-    arm_generate,
     generate,
-    mdm_generate,
     num_transfer_tokens,
     tokens_to_reveal,
     top_p_filter,
@@ -121,7 +119,7 @@ def test_top_p_keeps_the_smallest_nucleus():
 def test_low_confidence_reveals_most_confident_positions_first():
     model = ConfidenceByPosition().eval()
     history: list[torch.Tensor] = []
-    out = mdm_generate(model, torch.tensor([3, 4]), gen_length=6, steps=3, on_step=record(history))
+    out = generate(model, torch.tensor([3, 4]), 6, 3, on_step=record(history)).tokens
     assert revealed_per_step(model, history, 2) == [{4, 5}, {2, 3}, {0, 1}]  # rightmost (most confident) first
     assert out[0, :2].tolist() == [3, 4]  # the prompt is never changed
     assert out[0, 2:].tolist() == [i % VOCAB for i in range(2, 8)]
@@ -318,7 +316,7 @@ def test_arm_kv_cache_matches_full_recompute():
     torch.manual_seed(0)
     model = Transformer(tiny(), causal=True).eval()
     prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    cached = arm_generate(model, prompt, 8)
+    cached = generate(model, prompt, 8).tokens
     x = prompt
     with torch.no_grad():
         for _ in range(8):
@@ -348,8 +346,8 @@ def test_arm_sampling_is_seeded_and_top_p_narrows_it():
 def test_trained_shape_model_leaves_no_mask_and_is_deterministic():
     torch.manual_seed(0)
     model = Transformer(tiny()).eval()
-    a = mdm_generate(model, torch.tensor([1, 2]), 10, steps=4, temperature=1.0, generator=torch.Generator().manual_seed(5))
-    b = mdm_generate(model, torch.tensor([1, 2]), 10, steps=4, temperature=1.0, generator=torch.Generator().manual_seed(5))
+    a = generate(model, torch.tensor([1, 2]), 10, 4, 1.0, torch.Generator().manual_seed(5)).tokens
+    b = generate(model, torch.tensor([1, 2]), 10, 4, 1.0, torch.Generator().manual_seed(5)).tokens
     assert torch.equal(a, b) and not (a == model.mask_id).any()
 
 
@@ -359,13 +357,13 @@ def test_sampler_bad_input():
     mdm = Transformer(tiny()).eval()
     arm = Transformer(tiny(), causal=True).eval()
     with pytest.raises(SmdmError, match="exceed the block size"):
-        mdm_generate(mdm, torch.zeros(120, dtype=torch.long), 20, 4)
+        generate(mdm, torch.zeros(120, dtype=torch.long), 20, 4)
     with pytest.raises(SmdmError, match="steps"):
-        mdm_generate(mdm, torch.tensor([1]), 4, 0)
+        generate(mdm, torch.tensor([1]), 4, 0)
     with pytest.raises(SmdmError, match="temperature"):
-        mdm_generate(mdm, torch.tensor([1]), 4, 4, temperature=-1)
+        generate(mdm, torch.tensor([1]), 4, 4, temperature=-1)
     with pytest.raises(SmdmError, match="ARM"):
-        mdm_generate(arm, torch.tensor([1]), 4, 4)
+        generate(arm, torch.tensor([1]), 4, 4)
 
 
 @pytest.mark.parametrize("causal, options, message", [
@@ -457,7 +455,7 @@ def test_cli_show_steps_and_arm(capsys, checkpoints):
 
 @pytest.mark.parametrize("objective, args, fragments", [
     ("mdm", ["--prompt", "the cat sat on the mat " * 30], ("exceed the block size",)),
-    ("mdm", ["--steps", "0"], ("steps must be at least 1",)),
+    ("mdm", ["--steps", "0"], ("--steps: must be at least 1",)),
     ("mdm", ["--steps", "3", "--block-length", "4"], ("multiple of the number of blocks",)),
     ("mdm", ["--block-length", "3"], ("must divide",)),
     ("mdm", ["--temperature", "-1"], ("temperature",)),

@@ -10,6 +10,7 @@ from conftest import assert_one_line_error, run_cli, shared_file
 
 from smdm.data.sft import SFTConfig, chat_prompt
 from smdm.errors import SmdmError
+from smdm.sample import SamplerSettings
 from smdm.tasks import gsm8k, mtbench
 from smdm.tasks.gsm8k import (
     GSM8KConfig,
@@ -147,13 +148,14 @@ def test_two_stage_generates_reasoning_then_answer_with_their_own_cfg(chat_model
     checkpoint, tokenizer = _load(chat_models, "mdm")
     spy = GenerateSpy(gsm8k.generate)
     monkeypatch.setattr(gsm8k, "generate", spy)
-    config = GSM8KConfig(test_file=str(_problems_file(tmp_path / "test.jsonl")), length=16, steps=8, cfg_scale=0.5,
+    config = GSM8KConfig(test_file=str(_problems_file(tmp_path / "test.jsonl")), length=16,
+                         sampler=SamplerSettings(steps=8, cfg_scale=0.5),
                          two_stage=True, answer_cfg_scale=2.0, answer_length=4, batch_size=2)
     metrics, records = evaluate_gsm8k(checkpoint.model, tokenizer, config, progress=False)
     assert metrics["n"] == 3 and metrics["mode"] == "two-stage"
     # Two batches (2 + 1 questions), each: the reasoning stage, then the answer stage.
-    assert [(c["length"], c["cfg_scale"]) for c in spy.calls] == [(16, 0.5), (4, 2.0), (16, 0.5), (4, 2.0)]
-    assert spy.calls[0]["steps"] == 8 and spy.calls[1]["steps"] == 4
+    assert [(c["length"], c["settings"].cfg_scale) for c in spy.calls] == [(16, 0.5), (4, 2.0), (16, 0.5), (4, 2.0)]
+    assert spy.calls[0]["settings"].steps == 8 and spy.calls[1]["settings"].steps == 4
     for reasoning_call, answer_call in ((spy.calls[0], spy.calls[1]), (spy.calls[2], spy.calls[3])):
         for prompt, second in zip(reasoning_call["prompts"], answer_call["prompts"]):
             assert second[:len(prompt)] == prompt  # the question stays, followed by the reasoning and ####
@@ -171,7 +173,7 @@ def test_one_stage_calls_generate_once_per_batch_and_skips_questions_longer_than
     monkeypatch.setattr(gsm8k, "generate", spy)
     config = GSM8KConfig(test_file=str(_problems_file(tmp_path / "t.jsonl", long_question=True)), length=8)
     metrics, records = evaluate_gsm8k(checkpoint.model, tokenizer, config, progress=False)
-    assert len(spy.calls) == 1 and "cfg_scale" not in spy.calls[0]  # an ARM gets no MDM options
+    assert len(spy.calls) == 1 and spy.calls[0]["settings"].mdm_only() == {}  # an ARM gets no MDM options
     assert metrics["n"] == 3 and metrics["skipped_too_long"] == 1 and len(records) == 3
 
 
@@ -207,7 +209,7 @@ def test_mtbench_answers_in_fastchat_format_with_turn_two_after_turn_one(chat_mo
         assert answers[0]["choices"][0]["turns"][0] == REPLY
     # Turn 2 is asked after the model's own turn-1 answer, in the chat template.
     _, tokenizer = _load(chat_models, objective)
-    assert len(spy.calls) == 2 and spy.calls[0].get("cfg_scale") == (1.5 if objective == "mdm" else None)
+    assert len(spy.calls) == 2 and spy.calls[0]["settings"].cfg_scale == (1.5 if objective == "mdm" else None)
     for k, a in enumerate(answers):
         first = a["choices"][0]["turns"][0]
         assert first, "an empty turn-1 answer would make this check vacuous"

@@ -21,10 +21,11 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -32,9 +33,12 @@ from tqdm.auto import tqdm
 from smdm.data.jsonl import read_records, string_field
 from smdm.errors import SmdmError
 from smdm.model import Transformer
-from smdm.sample import generate, make_plan
+from smdm.sample import SamplerSettings, generate, prompt_room
 from smdm.tasks.report import check_generation_settings
 from smdm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from smdm.tasks.training import TaskModel
 
 ANSWER_MARK = "####"
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
@@ -160,41 +164,34 @@ class GSM8KConfig:
 
     test_file: str
     length: int = 256  # tokens of the (stage-1) generation
-    steps: int | None = None  # MDM denoising steps of stage 1; default: length
-    block_length: int | None = None  # MDM semi-autoregressive blocks of stage 1; default: one block
-    remasking: str = "low_confidence"
-    cfg_scale: float | None = None  # MDM: guidance of stage 1 (the reasoning, or everything in one stage)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)  # stage 1 (the reasoning, or everything in one stage)
     two_stage: bool = False
     answer_cfg_scale: float | None = None  # MDM: guidance of stage 2 (the answer after `####`)
     answer_length: int = 16  # tokens of stage 2 (its steps: the same number)
-    temperature: float = 0.0
     batch_size: int = 16
     limit: int | None = None  # questions evaluated (the first ones of the file)
     skip_bad_lines: bool = False
     seed: int = 0
 
 
-def _options(model: Transformer, config: GSM8KConfig, stage: int) -> dict:
-    """Sampler keyword arguments of one stage; an ARM gets none of the MDM options."""
-    if model.causal:
-        return {}
+def stage_settings(model: Transformer, config: GSM8KConfig, stage: int) -> SamplerSettings:
+    """The sampler of one stage: stage 2 (the short answer) has one block, one token per step, its own CFG."""
     if stage == 1:
-        return {"steps": config.steps, "remasking": config.remasking, "block_length": config.block_length,
-                "cfg_scale": config.cfg_scale}
-    return {"steps": config.answer_length, "remasking": config.remasking, "cfg_scale": config.answer_cfg_scale}
+        return config.sampler
+    return replace(config.sampler, block_length=None, cfg_scale=config.answer_cfg_scale,
+                   steps=None if model.causal else config.answer_length, stop_at_eos=True)
 
 
 def check_settings(model: Transformer, config: GSM8KConfig, eos_id: int) -> None:
     """Every bad setting fails before the first question is generated."""
-    check_generation_settings(model, config.batch_size, config.limit,
-                              {"--cfg-scale": config.cfg_scale, "--answer-cfg-scale": config.answer_cfg_scale})
+    check_generation_settings(model, config.batch_size, config.limit, config.sampler,
+                              {"--answer-cfg-scale": config.answer_cfg_scale})
     if _context_needed(model, config) >= model.config.block_size:
         raise SmdmError(f"--length {config.length}" + (f" + --answer-length {config.answer_length}" if config.two_stage
                         else "") + f" leaves no room for the question in the block size {model.config.block_size}")
-    make_plan(model, config.length, temperature=config.temperature, eos_id=eos_id, **_options(model, config, 1))
+    stage_settings(model, config, 1).plan(model, config.length, eos_id)
     if config.two_stage:
-        make_plan(model, config.answer_length, temperature=config.temperature, eos_id=eos_id,
-                  **_options(model, config, 2))
+        stage_settings(model, config, 2).plan(model, config.answer_length, eos_id)
     elif config.answer_cfg_scale is not None:
         raise SmdmError("--answer-cfg-scale applies to the second stage; add --two-stage")
 
@@ -202,13 +199,13 @@ def check_settings(model: Transformer, config: GSM8KConfig, eos_id: int) -> None
 def _context_needed(model: Transformer, config: GSM8KConfig) -> int:
     """Tokens a question's generation occupies besides its prompt (an ARM never feeds its last token back)."""
     extra = config.length + (config.answer_length + 2 if config.two_stage else 0)
-    return extra - (1 if model.causal else 0)
+    return model.config.block_size - prompt_room(model, extra)
 
 
-def _stage(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], length: int, options: dict,
-           config: GSM8KConfig, generator: torch.Generator) -> list[str]:
-    result = generate(model, prompts, length, temperature=config.temperature, generator=generator,
-                      eos_id=tokenizer.eos_id, stop_at_eos=True, **options)
+def _stage(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], length: int,
+           settings: SamplerSettings, generator: torch.Generator) -> list[str]:
+    result = generate(model, prompts, length, generator=generator, eos_id=tokenizer.eos_id,
+                      settings=replace(settings, stop_at_eos=True))
     return [tokenizer.decode(ids) for ids in result.completions]
 
 
@@ -216,7 +213,7 @@ def _answer_prompt(model: Transformer, tokenizer: Tokenizer, prompt: list[int], 
                    config: GSM8KConfig) -> list[int]:
     """Stage 2's prompt: question + reasoning + `\\n####`, the reasoning cut from the left if it would not fit."""
     tail = tokenizer.encode(reasoning.rstrip() + "\n" + ANSWER_MARK)
-    room = model.config.block_size - config.answer_length + (1 if model.causal else 0) - len(prompt)
+    room = prompt_room(model, config.answer_length) - len(prompt)
     return prompt + tail[max(0, len(tail) - room):]
 
 
@@ -238,12 +235,12 @@ def evaluate_gsm8k(model: Transformer, tokenizer: Tokenizer, config: GSM8KConfig
     for first in tqdm(batches, desc="gsm8k", disable=not progress):
         batch = kept[first:first + config.batch_size]
         prompts = [ids for _, ids in batch]
-        texts = _stage(model, tokenizer, prompts, config.length, _options(model, config, 1), config, generator)
+        texts = _stage(model, tokenizer, prompts, config.length, stage_settings(model, config, 1), generator)
         stage2: list[str | None] = [None] * len(batch)
         if config.two_stage:
             reasonings = [t.split(ANSWER_MARK, 1)[0] for t in texts]
             second = [_answer_prompt(model, tokenizer, ids, r, config) for ids, r in zip(prompts, reasonings)]
-            stage2 = _stage(model, tokenizer, second, config.answer_length, _options(model, config, 2), config,
+            stage2 = _stage(model, tokenizer, second, config.answer_length, stage_settings(model, config, 2),
                             generator)
             texts = [r.rstrip() + "\n" + ANSWER_MARK + a for r, a in zip(reasonings, stage2)]
         for (problem, _), text, answer_text in zip(batch, texts, stage2):
@@ -263,3 +260,44 @@ def evaluate_gsm8k(model: Transformer, tokenizer: Tokenizer, config: GSM8KConfig
 
 def settings_of(config: GSM8KConfig) -> dict:
     return asdict(config)
+
+
+def run_gsm8k(config: GSM8KConfig, task_model: TaskModel, train_file: str | None, train_limit: int | None = None,
+              strip_calculator: bool = True, prepare_only: bool = False) -> str:
+    """`smdm task gsm8k`: fine-tune on the train file (unless task_model names a checkpoint), evaluate, write
+    OUT/gsm8k.json and the generations; returns the table to print (or a note with prepare_only)."""
+    from smdm.data.jsonl import write_jsonl
+    from smdm.tasks.report import format_table, write_results
+
+    out = Path(task_model.out)
+    if not Path(config.test_file).is_file():
+        raise SmdmError(f"{config.test_file}: no such file")
+    if config.answer_cfg_scale is not None and not config.two_stage:
+        raise SmdmError("--answer-cfg-scale applies to the second stage; add --two-stage")
+    settings = settings_of(config)
+    if task_model.checkpoint is None:
+        if train_file is None:
+            raise SmdmError("pass --train (GSM8K train jsonl) to fine-tune a model, or --checkpoint to evaluate one")
+        sft_file = out / "gsm8k_sft.jsonl"
+        info = write_sft_file(train_file, sft_file, strip_calculator, train_limit, config.skip_bad_lines)
+        skipped = f" ({info['bad_lines']} bad lines skipped)" if info["bad_lines"] else ""
+        note = f"gsm8k: {info['examples']} training examples -> {sft_file}{skipped}"
+        settings.update(train_file=train_file, train_limit=train_limit, strip_calculator=strip_calculator)
+        if prepare_only:
+            return note
+        tokenizer_files = None
+        if train_limit and task_model.tokenizer is None and task_model.init_from is None:
+            tokenizer_files = [out / "gsm8k_sft_all.jsonl"]  # the BPE sees all of GSM8K's words, not only the few
+            write_sft_file(train_file, tokenizer_files[0], strip_calculator, None, config.skip_bad_lines)
+        checkpoint, tokenizer = task_model.load([sft_file], text_mode=False, tokenizer_files=tokenizer_files)
+    else:
+        checkpoint, tokenizer = task_model.load([], text_mode=False)
+    metrics, records = evaluate_gsm8k(checkpoint.model, tokenizer, config, progress=task_model.progress)
+    generations = out / "gsm8k_generations.jsonl"
+    write_jsonl(generations, records)
+    write_results(out / "gsm8k.json", "gsm8k", metrics, settings, checkpoint,
+                  extra={"generations_file": str(generations)})
+    return format_table(["mode", "n", "correct", "accuracy %", "no answer", "skipped (too long)",
+                         "skipped (bad lines)"],
+                        [(metrics["mode"], metrics["n"], metrics["correct"], 100 * metrics["accuracy"],
+                          metrics["no_answer"], metrics["skipped_too_long"], metrics["skipped_bad_lines"])])

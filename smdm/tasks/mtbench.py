@@ -15,17 +15,18 @@ import json
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from smdm.checkpoint import Checkpoint
 from smdm.data.jsonl import read_records, string_field, write_jsonl
 from smdm.data.sft import chat_prompt
 from smdm.errors import SmdmError
 from smdm.model import Transformer
-from smdm.sample import generate, make_plan
+from smdm.sample import SamplerSettings, generate, prompt_room
 from smdm.tasks.report import check_generation_settings
 from smdm.tokenizer import Tokenizer
 
@@ -74,33 +75,22 @@ class MTBenchConfig:
     questions_file: str
     model_id: str
     length: int = 256  # tokens generated per turn
-    steps: int | None = None  # MDM denoising steps; default: length
-    block_length: int | None = None
-    remasking: str = "low_confidence"
-    cfg_scale: float | None = None  # MDM only
-    temperature: float = 0.0
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
     batch_size: int = 8
     limit: int | None = None  # questions answered (the first ones of the file)
     skip_bad_lines: bool = False
     seed: int = 0
 
 
-def _options(model: Transformer, config: MTBenchConfig) -> dict:
-    if model.causal:
-        return {}
-    return {"steps": config.steps, "remasking": config.remasking, "block_length": config.block_length,
-            "cfg_scale": config.cfg_scale}
-
-
 def check_settings(model: Transformer, config: MTBenchConfig, eos_id: int) -> None:
     """Every bad setting fails before the first answer is generated."""
     if not MODEL_ID.fullmatch(config.model_id):
         raise SmdmError(f"model id {config.model_id!r} names the answer file: use letters, digits, '.', '_', '-'")
-    check_generation_settings(model, config.batch_size, config.limit, {"--cfg-scale": config.cfg_scale})
+    check_generation_settings(model, config.batch_size, config.limit, config.sampler)
     if config.length >= model.config.block_size:
         raise SmdmError(f"--length {config.length} leaves no room for the question in the block size "
                         f"{model.config.block_size}")
-    make_plan(model, config.length, temperature=config.temperature, eos_id=eos_id, **_options(model, config))
+    config.sampler.plan(model, config.length, eos_id)
 
 
 def conversation(question: Question, answers: Sequence[str], turn: int) -> str:
@@ -120,7 +110,7 @@ def generate_answers(model: Transformer, tokenizer: Tokenizer, config: MTBenchCo
     """FastChat answer records (one per question, every turn answered), statistics, and the questions."""
     check_settings(model, config, tokenizer.eos_id)
     questions, bad_lines = read_questions(config.questions_file, config.limit, config.skip_bad_lines)
-    room = model.config.block_size - config.length + (1 if model.causal else 0)
+    room = prompt_room(model, config.length)
     answers: list[list[str]] = [[] for _ in questions]
     tokens: list[list[int]] = [[] for _ in questions]
     truncated = 0
@@ -136,8 +126,8 @@ def generate_answers(model: Transformer, tokenizer: Tokenizer, config: MTBenchCo
         for first in tqdm(range(0, len(active), config.batch_size), desc=f"mt-bench turn {turn + 1}",
                           disable=not progress):
             result = generate(model, prompts[first:first + config.batch_size], config.length,
-                              temperature=config.temperature, generator=generator, eos_id=tokenizer.eos_id,
-                              stop_at_eos=True, **_options(model, config))
+                              generator=generator, eos_id=tokenizer.eos_id,
+                              settings=replace(config.sampler, stop_at_eos=True))
             for i, ids in zip(active[first:first + config.batch_size], result.completions):
                 answers[i].append(tokenizer.decode(ids).strip())
                 tokens[i].append(len(ids))
@@ -172,3 +162,23 @@ def write_answer_file(path: str | Path, records: Sequence[dict]) -> Path:
 
 def settings_of(config: MTBenchConfig) -> dict:
     return asdict(config)
+
+
+def run_mtbench(checkpoint: Checkpoint, tokenizer: Tokenizer, config: MTBenchConfig, out: Path,
+                progress: bool = True) -> str:
+    """`smdm task mtbench`: answer every question, write FastChat's answer file and OUT/mtbench.json; returns the
+    per-category table."""
+    import sys
+
+    from smdm.tasks.report import format_table, write_results
+
+    records, stats, _ = generate_answers(checkpoint.model, tokenizer, config, progress=progress)
+    answer_file = write_answer_file(out / "model_answer" / f"{config.model_id}.jsonl", records)
+    by_category = stats.pop("by_category")
+    write_results(out / "mtbench.json", "mtbench", stats, settings_of(config), checkpoint,
+                  extra={"answer_file": str(answer_file), "by_category": by_category})
+    turns = sorted({k for row in by_category.values() for k in row if k.startswith("mean_tokens_turn")})
+    rows = [(category, row["questions"], *(row.get(k, "") for k in turns)) for category, row in by_category.items()]
+    print(f"{stats['questions']} answers ({stats['truncated_prompts']} prompts cut from the left, "
+          f"{stats['empty_answers']} empty turns) -> {answer_file}", file=sys.stderr)
+    return format_table(["category", "questions", *(k.replace("mean_tokens_", "tokens ") for k in turns)], rows)

@@ -10,6 +10,7 @@ from typing import Any
 from smdm.checkpoint import Checkpoint
 from smdm.errors import SmdmError
 from smdm.model import Transformer
+from smdm.sample import SamplerSettings
 
 
 def model_identity(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -41,9 +42,10 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def check_generation_settings(model: Transformer, batch_size: int, limit: int | None,
-                              cfg_flags: dict[str, float | None]) -> None:
+def check_generation_settings(model: Transformer, batch_size: int, limit: int | None, sampler: SamplerSettings,
+                              cfg_flags: dict[str, float | None] | None = None) -> None:
     """The checks every generating task shares, run before the first question: CFG only on an MDM, sane sizes."""
+    cfg_flags = {"--cfg-scale": sampler.cfg_scale, **(cfg_flags or {})}
     used = [flag for flag, value in cfg_flags.items() if value is not None]
     if model.causal and used:
         raise SmdmError("classifier-free guidance needs an MDM (it masks the prompt); this checkpoint is an ARM: "

@@ -13,16 +13,17 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from smdm.checkpoint import Checkpoint
 from smdm.data.jsonl import read_records, string_field
 from smdm.errors import SmdmError
 from smdm.model import Transformer
-from smdm.sample import generate
+from smdm.sample import SamplerSettings, generate
 from smdm.tasks.report import check_generation_settings
 from smdm.tokenizer import Tokenizer
 
@@ -80,10 +81,7 @@ class ReversalConfig:
 
     data_dir: str
     length: int | None = None  # tokens generated; default: the longest reference of the file + 4
-    steps: int | None = None  # MDM denoising steps; default: length
-    block_length: int | None = None  # MDM semi-autoregressive blocks; default: one block (length rounds up to it)
-    remasking: str = "low_confidence"
-    cfg_scale: float | None = None
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)  # MDM blocks: the length rounds up to a multiple of block_length
     batch_size: int = 64
     limit: int | None = None  # questions per file, spread evenly over it
     rank: int | None = None  # name answers: also rank all the file's names by likelihood for this many questions
@@ -106,12 +104,10 @@ def spread(rows: list[tuple[str, str]], limit: int | None) -> list[tuple[str, st
 def answer(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], config: ReversalConfig,
            length: int) -> list[str]:
     """Greedy answers (low-confidence remasking for an MDM, KV-cache decoding for an ARM), cut at EOS."""
-    options = {} if model.causal else {"steps": config.steps or length, "remasking": config.remasking,
-                                       "cfg_scale": config.cfg_scale, "block_length": config.block_length}
     answers: list[str] = []
     for first in range(0, len(prompts), config.batch_size):
         encoded = [tokenizer.encode(p) for p in prompts[first:first + config.batch_size]]
-        result = generate(model, encoded, length, eos_id=tokenizer.eos_id, **options)
+        result = generate(model, encoded, length, eos_id=tokenizer.eos_id, settings=config.sampler)
         answers += [tokenizer.decode(ids) for ids in result.completions]
     return answers
 
@@ -139,15 +135,15 @@ def rank_accuracy(model: Transformer, tokenizer: Tokenizer, rows: Sequence[tuple
 def evaluate_reversal(model: Transformer, tokenizer: Tokenizer, config: ReversalConfig,
                       progress: bool = True) -> dict[str, dict]:
     """Accuracy (and BLEU for description answers) on each of the four test files, with a few examples."""
-    check_generation_settings(model, config.batch_size, config.limit, {"--cfg-scale": config.cfg_scale})
+    check_generation_settings(model, config.batch_size, config.limit, config.sampler)
     results: dict[str, dict] = {}
     for split in tqdm(SPLITS, desc="reversal", disable=not progress):
         question, kind, direction = SPLITS[split]
         all_rows = read_split(config.data_dir, split)
         rows = spread(all_rows, config.limit)
         length = config.length or max(len(tokenizer.encode(c)) for _, c in rows) + 4
-        if config.block_length and not model.causal:
-            length = math.ceil(length / config.block_length) * config.block_length
+        if config.sampler.block_length and not model.causal:
+            length = math.ceil(length / config.sampler.block_length) * config.sampler.block_length
         generations = answer(model, tokenizer, [p for p, _ in rows], config, length)
         hits = [contains(c, g) for (_, c), g in zip(rows, generations)]
         result = {"question": question, "direction": direction, "answer": kind, "n": len(rows),
@@ -167,3 +163,25 @@ def evaluate_reversal(model: Transformer, tokenizer: Tokenizer, config: Reversal
 
 def settings_of(config: ReversalConfig) -> dict:
     return asdict(config)
+
+
+def check_data_dir(data_dir: str | Path) -> None:
+    """Every file the task reads, before any training."""
+    for split in SPLITS:
+        if not split_file(data_dir, split).is_file():
+            raise SmdmError(f"{split_file(data_dir, split)}: no such file; --data-dir must hold the reversal-curse data")
+
+
+def report(results: dict[str, dict], config: ReversalConfig, checkpoint: Checkpoint, out: Path) -> str:
+    """Write OUT/reversal.json (metrics, settings, examples) and return the table to print."""
+    from smdm.tasks.report import format_table, write_results
+
+    metrics = {split: {k: v for k, v in r.items() if k != "examples"} for split, r in results.items()}
+    write_results(out / "reversal.json", "reversal", metrics, settings_of(config), checkpoint,
+                  extra={"examples": {split: r["examples"] for split, r in results.items()}})
+    rows = [(split, r["question"], r["direction"], r["n"], 100 * r["accuracy"], r.get("bleu", ""))
+            + ((100 * r["rank_accuracy"], 100 * r["rank_chance"]) if "rank_accuracy" in r
+               else ("", "") if config.rank else ())
+            for split, r in results.items()]
+    header = ["file", "question", "direction", "n", "accuracy %", "BLEU"]
+    return format_table(header + (["rank accuracy %", "chance %"] if config.rank else []), rows)

@@ -123,3 +123,18 @@ def write_report(rows: list[CorpusScore], out_dir: Path, title: str = "Perplexit
     figure.savefig(out_dir / "temporal.png", dpi=120)
     plt.close(figure)
     return [*written, out_dir / "temporal.png"]
+
+
+def load_checkpoints(paths: list[str], tokenizer_path: str | None, device: str) -> tuple[dict[str, Checkpoint],
+                                                                                       Tokenizer]:
+    """Every model of a comparison, named "OBJECTIVE dir"; they must share one tokenizer, or scores would not compare."""
+    from smdm.checkpoint import load_for_inference
+
+    checkpoints, tokenizer = {}, None
+    for path in paths:
+        checkpoint, its_tokenizer = load_for_inference(path, tokenizer_path, device)
+        if tokenizer is not None and its_tokenizer.fingerprint != tokenizer.fingerprint:
+            raise SmdmError(f"{path} uses another tokenizer than {paths[0]}: scores would not compare")
+        tokenizer = its_tokenizer
+        checkpoints[f"{checkpoint.meta.get('objective', 'model').upper()} {Path(path).name}"] = checkpoint
+    return checkpoints, tokenizer

@@ -1,0 +1,89 @@
+"""Argument types and shared option groups of the CLI. Every numeric option is checked where it is parsed, so bad
+input ends as one line (`smdm: error: argument --lr: ...`, exit 2) instead of a traceback deep in the library."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Sequence
+
+
+def _number(text: str, kind: type) -> float | int:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return int(value)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return int(value)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (nan, inf and negatives refused)."""
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return float(value)
+
+
+def finite_float(low: float | None = None, high: float | None = None) -> Callable[[str], float]:
+    """A finite number in [low, high] (either bound optional)."""
+
+    def parse(text: str) -> float:
+        value = _number(text, float)
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+            raise argparse.ArgumentTypeError(f"must lie in {bounds}, got {text}")
+        return float(value)
+
+    parse.__name__ = "number"
+    return parse
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1]."""
+    value = _number(text, float)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return float(value)
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1)."""
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return float(value)
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """--seed, --device, --threads, --no-progress: what every command that runs a model takes."""
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: see README, Threads)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_length_and_sampler_args(p: argparse.ArgumentParser, length: int | None, help_length: str,
+                                skip: Sequence[str] = ()) -> None:
+    """--length and every sampler option (smdm.sample.add_sampler_args)."""
+    from smdm.sample import add_sampler_args
+
+    p.add_argument("--length", type=positive_int, default=length, help=help_length)
+    add_sampler_args(p, skip=skip)

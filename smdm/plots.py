@@ -1,0 +1,89 @@
+"""`smdm plot`: training and validation loss of several runs in one picture (an MDM beside its ARM).
+
+The horizontal axis is steps, tokens or training FLOPs (counted by `smdm.flops` under each run's own count), so runs
+of different sizes or batch shapes compare on the axis that matters: compute.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from smdm.errors import SmdmError
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """(training rows, validation rows) of a run's metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise SmdmError(f"{run_dir}: no metrics.jsonl (not a run directory of `smdm train`/`smdm sft`)")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise SmdmError(f"{path}:{number}: not a JSON row") from None
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def _flops_per_token(run_dir: Path) -> float:
+    """Training FLOPs per token of a run, from its checkpoint's model config and its run config."""
+    from smdm.checkpoint import read_checkpoint_meta
+    from smdm.config import ModelConfig
+    from smdm.flops import flops_per_token
+
+    try:
+        model = ModelConfig.from_dict(read_checkpoint_meta(run_dir / "checkpoint")["model"])
+        run = json.loads((run_dir / "train_config.json").read_text())
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
+        raise SmdmError(f"{run_dir}: cannot count FLOPs without checkpoint/ and train_config.json ({error})") from None
+    return flops_per_token(model, run.get("seq_len") or model.block_size, run.get("flops_count", "attention"))
+
+
+def _label(run_dir: Path) -> str:
+    try:
+        objective = json.loads((run_dir / "train_config.json").read_text()).get("objective", "")
+    except (OSError, json.JSONDecodeError):
+        objective = ""
+    return f"{objective.upper()} {run_dir.name}".strip()
+
+
+def plot_runs(runs: list[str | Path], out: str | Path, x: str = "steps") -> Path:
+    """Draw every run's training loss (thin) and validation loss (markers) against `x` into one PNG at `out`."""
+    if x not in ("steps", "tokens", "flops"):
+        raise SmdmError(f"unknown axis {x!r}; use steps, tokens or flops")
+    curves = []
+    for run in map(Path, runs):
+        train_rows, val_rows = read_metrics(run)
+        if not train_rows and not val_rows:
+            raise SmdmError(f"{run}: metrics.jsonl has no rows yet")
+        scale = _flops_per_token(run) if x == "flops" else 1.0
+        key = "step" if x == "steps" else "tokens"
+        curves.append((_label(run), [r[key] * scale for r in train_rows], [r["loss"] for r in train_rows],
+                       [r[key] * scale for r in val_rows], [r["val_loss"] for r in val_rows]))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SmdmError("smdm plot needs matplotlib: pip install 'smdm[plot]'") from None
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for index, (label, tx, ty, vx, vy) in enumerate(curves):
+        color = f"C{index}"
+        axes.plot(tx, ty, color=color, alpha=0.45, linewidth=1, label=f"{label} train")
+        if vx:
+            axes.plot(vx, vy, color=color, marker="o", linewidth=2, label=f"{label} validation")
+    axes.set_xlabel({"steps": "optimizer steps", "tokens": "training tokens", "flops": "training FLOPs"}[x])
+    axes.set_ylabel("loss (nats/token; MDM: ELBO bound)")
+    if x == "flops":
+        axes.set_xscale("log")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out
