@@ -255,3 +255,14 @@ def test_block_elbo_with_one_block_estimates_the_mdm_elbo():
     assert block_score(model, prefix, target, 9, mc_samples=256, batch_size=64).nll == ours.nll  # seeded
     # A different block size is a different bound (more clean context per block).
     assert block_score(model, prefix, target, 3, mc_samples=256, batch_size=64).nll != ours.nll
+
+
+def test_greedy_continuation_check_uses_the_block_sampler():
+    from smdm.likelihood import is_greedy_continuation
+
+    model = bd_model(4)
+    prefix = [4, 5, 6]
+    target = generate(model, [prefix], 6).completions[0]
+    assert is_greedy_continuation(model, prefix, target)
+    wrong = target[:-1] + [(target[-1] + 1) % VOCAB]
+    assert not is_greedy_continuation(model, prefix, wrong)
