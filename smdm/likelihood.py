@@ -101,6 +101,12 @@ def mc_score(model: Transformer, prefix: list[int], target: list[int], mc_sample
     """
     if model.causal:
         raise SmdmError("Monte-Carlo scoring needs an MDM; score an ARM with arm_score")
+    if getattr(model, "diffusion_block_size", None):  # block diffusion: the block ELBO, blocks left to right
+        from smdm.block_diffusion import block_score
+
+        if cfg_scale:
+            raise SmdmError("classifier-free guidance in scoring is an MDM option, not one of block diffusion")
+        return block_score(model, prefix, target, model.diffusion_block_size, mc_samples, batch_size, seed)
     if estimator not in ESTIMATORS:
         raise SmdmError(f"unknown estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
     if mc_samples < 2 or batch_size < 1:
@@ -136,6 +142,12 @@ def chain_rule_score(model: Transformer, prefix: list[int], target: list[int], b
     """
     if model.causal:
         raise SmdmError("chain-rule scoring of an MDM needs an MDM; score an ARM with arm_score")
+    if getattr(model, "diffusion_block_size", None):  # block diffusion: left to right inside each block
+        from smdm.block_diffusion import block_chain_score
+
+        if cfg_scale:
+            raise SmdmError("classifier-free guidance in scoring is an MDM option, not one of block diffusion")
+        return block_chain_score(model, prefix, target, model.diffusion_block_size, batch_size)
     _check_pair(model, prefix, target)
     device = model.lm_head.weight.device
     start, length = len(prefix), len(target)
@@ -170,15 +182,8 @@ def arm_score(model: Transformer, prefix: list[int], target: list[int]) -> Score
 
 
 def score(model: Transformer, prefix: list[int], target: list[int], method: str = "mc", **options) -> ScoreResult:
-    """One entry for every family: an ARM is scored exactly; an MDM by Monte Carlo ("mc") or chain rule ("chain");
-    a block-diffusion model by its Monte-Carlo block ELBO (exact at block size 1)."""
-    if getattr(model, "diffusion_block_size", None):
-        from smdm.block_diffusion import block_score
-
-        if options.get("cfg_scale") or method != "mc":
-            raise SmdmError("a block-diffusion model is scored by its Monte-Carlo block ELBO (method mc, no CFG)")
-        allowed = {k: v for k, v in options.items() if k in ("mc_samples", "batch_size", "seed")}
-        return block_score(model, prefix, target, model.diffusion_block_size, **allowed)
+    """One entry for every family: an ARM is scored exactly; an MDM or a block-diffusion model by Monte Carlo ("mc")
+    or chain rule ("chain")."""
     if model.causal:
         if options.get("cfg_scale"):
             raise SmdmError("classifier-free guidance needs an MDM, not an ARM")

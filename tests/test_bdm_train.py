@@ -132,3 +132,20 @@ def test_smdm_sft_with_block_diffusion(tmp_path, capsys):
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     meta = json.loads((out / "checkpoint" / "config.json").read_text())
     assert meta["sft"] is True and meta["objective_options"]["diffusion_block_size"] == 4
+
+
+def test_task_reversal_trains_and_evaluates_a_block_diffusion_model(tmp_path, capsys):
+    """Tasks train with the objective's options and evaluate through the block sampler and the block ELBO."""
+    from test_reversal import _reversal_dir
+
+    data = _reversal_dir(tmp_path / "data")
+    out = tmp_path / "bdm"
+    code, _, err = run_cli(capsys, "task", "reversal", "--data-dir", str(data), "--out", str(out), "--model",
+                           "tiny-test", "--objective", "bdm", "--diffusion-block-size", "4", "--epochs", "2",
+                           "--batch-size", "4", "--vocab-size", "300", "--threads", "1", "--no-progress", "--rank", "2")
+    assert code == 0, err
+    record = json.loads((out / "reversal.json").read_text())
+    assert record["model"]["objective"] == "bdm"
+    assert record["metrics"]["d2p"]["rank_n"] == 2 and record["metrics"]["p2d"]["n"] == 3
+    meta = json.loads((out / "run" / "checkpoint" / "config.json").read_text())
+    assert meta["objective_options"] == {"diffusion_block_size": 4}

@@ -41,6 +41,13 @@ def bd_model(block_size: int, seed: int = 0, context: int = 64) -> Transformer:
     return model
 
 
+def mdm_twin(model: Transformer) -> Transformer:
+    """The same weights as a plain MDM (no block structure)."""
+    twin = Transformer(model.config).to(model.lm_head.weight.dtype).eval()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
 def causal_twin(model: Transformer) -> Transformer:
     """The same weights as a causal Transformer."""
     twin = Transformer(model.config, causal=True).double().eval()
@@ -249,7 +256,7 @@ def test_block_elbo_with_one_block_estimates_the_mdm_elbo():
     model.float()
     prefix, target = [4, 5, 6], [7, 8, 9, 10, 11, 12]
     ours = block_score(model, prefix, target, 9, mc_samples=256, batch_size=64)
-    theirs = mc_score(model, prefix, target, mc_samples=256, batch_size=64, estimator="bernoulli", seed=1)
+    theirs = mc_score(mdm_twin(model), prefix, target, mc_samples=256, batch_size=64, estimator="bernoulli", seed=1)
     assert ours.forward_passes == 4 and 0 < ours.stderr < ours.nll
     assert abs(ours.nll - theirs.nll) < 4 * (ours.stderr ** 2 + theirs.stderr ** 2) ** 0.5
     assert block_score(model, prefix, target, 9, mc_samples=256, batch_size=64).nll == ours.nll  # seeded
@@ -266,3 +273,26 @@ def test_greedy_continuation_check_uses_the_block_sampler():
     assert is_greedy_continuation(model, prefix, target)
     wrong = target[:-1] + [(target[-1] + 1) % VOCAB]
     assert not is_greedy_continuation(model, prefix, wrong)
+
+
+def test_chain_rule_scoring_runs_left_to_right_inside_blocks():
+    """Block size 1: the exact autoregressive NLL (as the block ELBO at size 1); one block: the MDM's chain rule;
+    in between, the scorers agree with the block ELBO's family: `score(method="chain")` dispatches here."""
+    from smdm.likelihood import chain_rule_score, score
+
+    prefix, target = [4, 5, 6], [7, 8, 9, 10, 11]
+    one = bd_model(1)
+    assert score(one, prefix, target, method="chain").nll == pytest.approx(block_score(one, prefix, target, 1).nll,
+                                                                           rel=1e-6)
+    whole = bd_model(8)
+    expected = chain_rule_score(mdm_twin(whole), prefix, target).nll
+    assert score(whole, prefix, target, method="chain").nll == pytest.approx(expected, rel=1e-9)
+    blocks = bd_model(3)
+    by_hand = 0.0
+    full = prefix + target
+    for k in range(len(prefix), len(full)):
+        end = (k // 3 + 1) * 3  # the rest of k's block is masked; later blocks are not part of the input at all
+        x = torch.tensor([full[:k] + [blocks.mask_id] * (min(end, len(full)) - k)])
+        n = x.size(1)
+        by_hand -= blocks(x, attn_mask=block_causal_mask(torch.arange(n), n, 3))[0, k].log_softmax(-1)[full[k]].item()
+    assert score(blocks, prefix, target, method="chain", batch_size=2).nll == pytest.approx(by_hand, rel=1e-6)
