@@ -404,7 +404,8 @@ def block_settings(model: Transformer, length: int, steps: int | None = None, te
 
 def generate_blocks(model: Transformer, prompt_ids: PromptIds, length: int, steps: int | None = None,
                     temperature: float = 0.0, generator: torch.Generator | None = None,
-                    on_step: Callable[[int, torch.Tensor], None] | None = None, *, remasking: str = "low_confidence", block_length: int | None = None,
+                    on_step: Callable[[int, torch.Tensor], None] | None = None, *, remasking: str = "low_confidence",
+                    block_length: int | None = None,
                     cfg_scale: float | None = None, threshold: float | None = None, cache: str | None = None,
                     top_p: float = 1.0, eos_id: int | None = None, stop_at_eos: bool = False) -> Generation:
     """`smdm.sample.generate` for a block-diffusion model (`model.diffusion_block_size` set by the loader).
