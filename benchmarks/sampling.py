@@ -1,4 +1,4 @@
-"""Sampling speed and quality: ARM + KV cache against MDM samplers, one model pair, one run.
+"""Sampling speed and quality: ARM + KV cache against MDM and block-diffusion (BDM) samplers, one run.
 
 The pair follows the demo's recipe (the embedded Wikipedia corpus, its 384-token byte-level BPE, `tiny-1m`,
 lr 3e-3, 900 steps of 4096 tokens, stratified t for the MDM) with one change: sequences of 256 tokens
@@ -11,6 +11,11 @@ and the unigram entropy (nats) of each sample's tokens (repetition lowers it), a
 
     python benchmarks/sampling.py --threads 1               # trains the pair on first use (~20 min, 1 core)
     python benchmarks/sampling.py --threads 1 --samples 8 --json out.json
+    python benchmarks/sampling.py --threads 1 --bdm-block-sizes 4 8 16   # also BDMs (BD3-LM), equal training FLOPs
+
+Block-diffusion models are trained by the same recipe at the same training compute as the pair (a BDM token costs
+two passes, so half the steps; `--bdm-steps` overrides) and sample unconditionally like the MDM, block by block
+with the exact KV cache.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class Method:
     name: str
     arm: bool
     options: dict
+    bdm: int | None = None  # the block size of the block-diffusion model this row samples, if any
 
 
 def methods(length: int, temperature: float, thresholds: list[float], block: int) -> list[Method]:
@@ -98,6 +104,36 @@ def methods(length: int, temperature: float, thresholds: list[float], block: int
         rows.append(Method(f"MDM {cache} cache + {decoding}, block {block}", False,
                            {**mdm, "steps": steps, "block_length": block, "cache": cache, "threshold": threshold}))
     return rows
+
+
+def bdm_methods(block_sizes: list[int], temperature: float, thresholds: list[float]) -> list[Method]:
+    """Per block size: one token per step (steps = B), half the steps, and threshold decoding; all KV-cached."""
+    rows = []
+    for size in block_sizes:
+        rows.append(Method(f"BDM B={size} + KV, {size} steps/block", False, {"temperature": temperature}, size))
+        if size > 1:
+            rows.append(Method(f"BDM B={size} + KV, {size // 2} steps/block", False,
+                               {"temperature": temperature, "steps": size // 2}, size))
+            rows.append(Method(f"BDM B={size} + KV, threshold {thresholds[0]}", False,
+                               {"temperature": temperature, "threshold": thresholds[0]}, size))
+    return rows
+
+
+def train_bdms(data: Path, work: Path, args: argparse.Namespace) -> dict[int, Path]:
+    """One block-diffusion model per block size, by the pair's recipe at equal training FLOPs (reused when done)."""
+    runs = {}
+    for size in args.bdm_block_sizes:
+        out = work / f"bdm{size}"
+        if not (out / "summary.json").exists():
+            print(f"training the BDM B={size} -> {out}", flush=True)
+            train(TrainConfig(
+                data_dir=str(data), out_dir=str(out), model=args.model, objective="bdm", diffusion_block_size=size,
+                seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, low_discrepancy=True,
+                max_steps=args.bdm_steps or max(1, args.train_steps // 2), eval_every=150, save_every=150,
+                eval_blocks=64, threads=args.threads, resume=True, progress=False,
+            ))
+        runs[size] = out
+    return runs
 
 
 @torch.no_grad()
@@ -146,14 +182,18 @@ def timed(run: Callable[[], object], repeats: int, device: torch.device) -> tupl
 
 
 def run_benchmark(mdm: Transformer, arm: Transformer, eos: int, args: argparse.Namespace,
-                  given: torch.Tensor | None = None) -> list[dict]:
+                  given: torch.Tensor | None = None, bdms: dict[int, Transformer] | None = None) -> list[dict]:
     """Generate args.samples sequences per method in one batch; time them; score them.
 
     Unconditional by default (the ARM starts from EOS); with `given` (B, P) real text, both continue it.
     """
     rows = []
-    for method in methods(args.length, args.temperature, args.thresholds, args.block_length):
-        model = arm if method.arm else mdm
+    bdms = bdms or {}
+    rows_to_run = [] if args.bdm_only else methods(args.length, args.temperature, args.thresholds, args.block_length)
+    if args.bdm_only:
+        rows_to_run.append(Method("ARM + KV cache", True, {"temperature": args.temperature}))
+    for method in rows_to_run + bdm_methods(sorted(bdms), args.temperature, args.thresholds):
+        model = bdms[method.bdm] if method.bdm else arm if method.arm else mdm
         if given is not None:
             prompts = given.tolist()
         else:
@@ -164,7 +204,8 @@ def run_benchmark(mdm: Transformer, arm: Transformer, eos: int, args: argparse.N
                             **method.options)
 
         result, seconds = timed(run, args.repeats, mdm.lm_head.weight.device)
-        samples = result.tokens[:, result.width:]
+        # A BDM row's prompt tail may sit in its first generated block: its completions are the samples.
+        samples = torch.tensor(result.completions) if method.bdm else result.tokens[:, result.width:]
         scores = quality(arm, samples, eos, given)
         rows.append({"method": method.name, "forward_passes": result.forward_passes, "seconds": seconds,
                      "tokens_per_s": samples.numel() / seconds, **scores})
@@ -189,16 +230,20 @@ def reference_row(arm: Transformer, windows: torch.Tensor, given: torch.Tensor |
 
 def markdown(rows: list[dict], baseline: str) -> str:
     """The table for docs/benchmarks.md; speed-up is against plain MDM low-confidence at steps = length."""
-    base = next(r for r in rows if r["method"] == baseline)["seconds"]
-    header = "| method | forward passes | wall s | tokens/s | speed-up vs MDM-L | gen. ppl (ARM), 95% CI | unigram entropy |"
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    base = next((r for r in rows if r["method"] == baseline), None)
+    base = None if base is None else base["seconds"]
+    arm = next(r for r in rows if r["method"] == "ARM + KV cache")["seconds"]
+    header = ("| method | forward passes | wall s | tokens/s | speed-up vs MDM-L | speed vs ARM + KV | "
+              "gen. ppl (ARM), 95% CI | unigram entropy |")
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ppl = f"{r['gen_ppl']:.1f} ({r['gen_ppl_low']:.1f}-{r['gen_ppl_high']:.1f})"
         if "seconds" not in r:
-            lines.append(f"| {r['method']} | | | | | {ppl} | {r['entropy']:.3f} |")
+            lines.append(f"| {r['method']} | | | | | | {ppl} | {r['entropy']:.3f} |")
             continue
+        speed_up = "" if base is None else f"{base / r['seconds']:.2f}x"
         lines.append(f"| {r['method']} | {r['forward_passes']} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} | "
-                     f"{base / r['seconds']:.2f}x | {ppl} | {r['entropy']:.3f} |")
+                     f"{speed_up} | {arm / r['seconds']:.2f}x | {ppl} | {r['entropy']:.3f} |")
     return "\n".join(lines)
 
 
@@ -217,7 +262,8 @@ def plot(rows: list[dict], path: Path, title: str, baseline: str | None = None) 
         if "seconds" not in r:
             ax.axhline(r["gen_ppl"], color="grey", linestyle=":", label=r["method"])
             continue
-        marker, color = ("s", "tab:red") if r["method"].startswith("ARM") else ("o", "tab:blue")
+        marker, color = (("s", "tab:red") if r["method"].startswith("ARM")
+                         else ("^", "tab:purple") if r["method"].startswith("BDM") else ("o", "tab:blue"))
         ax.errorbar(r["tokens_per_s"], r["gen_ppl"], yerr=[[r["gen_ppl"] - r["gen_ppl_low"]],
                     [r["gen_ppl_high"] - r["gen_ppl"]]], fmt=marker, color=color, capsize=2,
                     label=f"{number}: {r['method']}")
@@ -263,6 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--plot", help="also draw speed against quality into this PNG")
+    parser.add_argument("--bdm-block-sizes", type=int, nargs="*", default=[],
+                        help="also train and sample block-diffusion models with these block sizes")
+    parser.add_argument("--bdm-steps", type=int, default=None,
+                        help="BDM training steps (default: half of --train-steps, equal training FLOPs)")
+    parser.add_argument("--bdm-only", action="store_true", help="time the ARM and the BDMs only (skip MDM rows)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -271,9 +322,13 @@ def main(argv: list[str] | None = None) -> None:
     data = prepare_data(work)
     mdm_dir, arm_dir = train_pair(data, work, args.threads, args.train_steps, args.model, args.batch_size,
                                 args.lr, args.seq_len)
+    bdm_dirs = train_bdms(data, work, args)
     if args.train_only:
         return
     mdm, arm = load_checkpoint(mdm_dir, args.device).model, load_checkpoint(arm_dir, args.device).model
+    bdms = {size: load_checkpoint(path, args.device).model for size, path in bdm_dirs.items()}
+    for model in bdms.values():
+        generate(model, [[]], 8)  # warm-up
     eos = int(json.loads((data / "manifest.json").read_text())["tokenizer"]["eos_id"])
     setting = f"after {args.prompt_tokens}-token prompts" if args.prompt_tokens else "unconditional"
     print(f"{args.model} MDM vs ARM, {args.samples} samples x {args.length} tokens ({setting}), "
@@ -282,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     generate(mdm, [[]], 8, steps=2)  # warm-up: first-call allocations are not sampling cost
     windows = held_out(data, args)
     given = windows[:, :args.prompt_tokens] if args.prompt_tokens else None
-    rows = run_benchmark(mdm, arm, eos, args, given) + [reference_row(arm, windows, given, eos)]
+    rows = run_benchmark(mdm, arm, eos, args, given, bdms) + [reference_row(arm, windows, given, eos)]
     baseline = f"MDM low-confidence, {args.length} steps"
     table = markdown(rows, baseline)
     command = "python benchmarks/sampling.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

@@ -74,6 +74,11 @@ def _add_train_args(parser: argparse.ArgumentParser, sft: bool = False) -> None:
     parser.add_argument("--out", dest="out_dir", default=unset, help="run directory (metrics, checkpoint, summary)")
     parser.add_argument("--model", default=unset, help=f"named config, see `smdm configs` ({defaults.model})")
     parser.add_argument("--objective", choices=objective_names(), default=unset, help=f"({defaults.objective})")
+    parser.add_argument("--diffusion-block-size", type=positive_int, default=unset,
+                        help="bdm: tokens per diffusion block (BD3-LM); must divide the context")
+    parser.add_argument("--mask-rate-min", type=float, default=unset,
+                        help="bdm: clip each block's training masking rate to [min, max] (BD3-LM's clipped schedule)")
+    parser.add_argument("--mask-rate-max", type=float, default=unset, help="bdm: upper end of the clipped range")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--max-steps", type=positive_int, default=unset)
     budget.add_argument("--max-tokens", type=positive_int, default=unset)

@@ -24,6 +24,11 @@ def sequence_nll(model: Transformer, tokens: torch.Tensor, mc_samples: int = 64,
     if tokens.dim() != 1 or tokens.numel() == 0:
         raise SmdmError("likelihood needs a non-empty 1-D sequence of token ids")
     ids = tokens.tolist()
+    if getattr(model, "diffusion_block_size", None):  # block diffusion: the block ELBO over every token
+        from smdm.block_diffusion import block_score
+
+        result = block_score(model, [], ids, model.diffusion_block_size, mc_samples=mc_samples, seed=seed)
+        return result.nll, result.stderr
     if model.causal:
         return arm_score(model, ids[:1], ids[1:]).nll, 0.0
     result = mc_score(model, [], ids, mc_samples=mc_samples, batch_size=16, estimator="bernoulli", seed=seed)
@@ -98,6 +103,12 @@ def mc_score(model: Transformer, prefix: list[int], target: list[int], mc_sample
     """
     if model.causal:
         raise SmdmError("Monte-Carlo scoring needs an MDM; score an ARM with arm_score")
+    if getattr(model, "diffusion_block_size", None):  # block diffusion: the block ELBO, blocks left to right
+        from smdm.block_diffusion import block_score
+
+        if cfg_scale:
+            raise SmdmError("classifier-free guidance in scoring is an MDM option, not one of block diffusion")
+        return block_score(model, prefix, target, model.diffusion_block_size, mc_samples, batch_size, seed)
     if estimator not in ESTIMATORS:
         raise SmdmError(f"unknown estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
     if mc_samples < 2 or batch_size < 1:
@@ -133,6 +144,12 @@ def chain_rule_score(model: Transformer, prefix: list[int], target: list[int], b
     """
     if model.causal:
         raise SmdmError("chain-rule scoring of an MDM needs an MDM; score an ARM with arm_score")
+    if getattr(model, "diffusion_block_size", None):  # block diffusion: left to right inside each block
+        from smdm.block_diffusion import block_chain_score
+
+        if cfg_scale:
+            raise SmdmError("classifier-free guidance in scoring is an MDM option, not one of block diffusion")
+        return block_chain_score(model, prefix, target, model.diffusion_block_size, batch_size)
     _check_pair(model, prefix, target)
     device = model.lm_head.weight.device
     start, length = len(prefix), len(target)
@@ -167,7 +184,8 @@ def arm_score(model: Transformer, prefix: list[int], target: list[int]) -> Score
 
 
 def score(model: Transformer, prefix: list[int], target: list[int], method: str = "mc", **options) -> ScoreResult:
-    """One entry for both families: an ARM is scored exactly; an MDM by Monte Carlo ("mc") or chain rule ("chain")."""
+    """One entry for every family: an ARM is scored exactly; an MDM or a block-diffusion model by Monte Carlo ("mc")
+    or chain rule ("chain")."""
     if model.causal:
         if options.get("cfg_scale"):
             raise SmdmError("classifier-free guidance needs an MDM, not an ARM")
@@ -198,12 +216,13 @@ def is_greedy_continuation(model: Transformer, prefix: list[int], target: list[i
     mask_id = getattr(model, "mask_id", None)
 
     def check(step: int, tokens: torch.Tensor) -> None:
-        generated = tokens[0, len(prefix):].cpu()
+        generated = tokens[0, len(prefix): len(prefix) + len(target)].cpu()
         shown = generated != mask_id if not model.causal else torch.ones_like(generated, dtype=torch.bool)
         if (generated[shown] != expected[: generated.numel()][shown]).any():
             raise _WrongReveal
 
-    steps = None if model.causal else len(target)
+    block_diffusion = getattr(model, "diffusion_block_size", None)
+    steps = None if model.causal or block_diffusion else len(target)
     try:
         result = generate(model, [prefix], len(target), steps=steps, temperature=0.0, on_step=check)
     except _WrongReveal:

@@ -153,7 +153,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 input_pos: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                window: WindowKV | None = None) -> torch.Tensor:
+                window: WindowKV | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         # Split the fused weight, not the fused output: the output's strided views cost a gradient concat in backward.
         sizes = [self.n_head * self.head_size, self.n_kv * self.head_size, self.n_kv * self.head_size]
@@ -174,7 +174,9 @@ class Attention(nn.Module):
             cache_slots = input_pos  # each query at slot p sees cached slots <= p (later slots are unwritten)
         elif window is not None:
             k, v = window.keys_values(k, v)
-        attn_mask, is_causal = attention_mask(seq_len, k.size(2), self.causal, key_mask, cache_slots)
+        is_causal = False
+        if attn_mask is None:
+            attn_mask, is_causal = attention_mask(seq_len, k.size(2), self.causal, key_mask, cache_slots)
         if self.n_kv != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
@@ -208,8 +210,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 input_pos: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                window: WindowKV | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, key_mask, window)
+                window: WindowKV | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, key_mask, window, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -269,7 +271,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 select: torch.Tensor | None = None, *, positions: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None, window: WindowCache | None = None) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None, window: WindowCache | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids (B, T). With a KV cache, `input_pos` gives the slots of idx.
 
         `select` (bool, B x T) returns logits only at those positions, flattened to (n, vocab_size): the MDM loss
@@ -281,14 +284,18 @@ class Transformer(nn.Module):
         here (position 0 keeps its own, as Dream's sampler does: `cat([logits[:, :1], logits[:, :-1]])`), so for
         every caller (samplers, likelihood, losses) the logits at i predict token i, and position 0 has no real
         prediction (callers never ask for it: a shifted model needs a non-empty prompt and never masks position 0).
+        `attn_mask` (bool, broadcastable to B x heads x T x K, True = may attend) replaces the causal / cache /
+        `key_mask` rule with an explicit one: block diffusion's structured masks (smdm.block_diffusion).
         """
         if window is not None and (self.causal or input_pos is not None):
             raise SmdmError("a window cache is for bidirectional (MDM) models without a KV cache")
+        if attn_mask is not None and (key_mask is not None or window is not None):
+            raise SmdmError("an explicit attn_mask already says which keys are visible; drop key_mask / window")
         cos, sin = self._rope(idx.size(1), input_pos, positions)
         recording = window is not None and not window.recorded
         x = self.embed(idx)
         for index, block in enumerate(self.blocks):
-            x = block(x, cos, sin, input_pos, key_mask, None if window is None else window.layers[index])
+            x = block(x, cos, sin, input_pos, key_mask, None if window is None else window.layers[index], attn_mask)
         if self.config.shifted:
             x = self._unshift(x, window, recording)
         if select is not None:

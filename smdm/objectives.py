@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from smdm.diffusion import arm_sft_step_loss, arm_step_loss, mdm_sft_step_loss, mdm_step_loss
+from smdm.block_diffusion import bdm_sft_step_loss, bdm_step_loss, check_block_size, check_time_range
+from smdm.diffusion import MASK_EPS, arm_sft_step_loss, arm_step_loss, mdm_sft_step_loss, mdm_step_loss
 from smdm.errors import SmdmError
 
 
@@ -24,6 +25,7 @@ class Objective:
 
     name: ClassVar[str]
     causal: ClassVar[bool]
+    compute_factor: ClassVar[float] = 1.0  # training FLOPs per token relative to one pass over the block
 
     def block_length(self, seq_len: int) -> int:
         """Tokens in one packed pre-training block that yields `seq_len` model inputs."""
@@ -32,6 +34,9 @@ class Objective:
     def min_length(self) -> int:
         """The shortest block the random-length cut may leave (the paper cuts 1% of batches to [1, L])."""
         return 1
+
+    def check_context(self, context: int) -> None:
+        """Refuse a model context (positions) the family cannot fill; every length works by default."""
 
     def targets(self, tokens: torch.Tensor, sft: bool) -> int:
         """Model inputs a batch carries (the tokens/s column counts these)."""
@@ -118,7 +123,72 @@ class MaskedDiffusion(Objective):
                 yield mdm_sft_step_loss(model, tokens, prompt_lengths, generator, low_discrepancy=True)
 
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (MaskedDiffusion, Autoregressive)}
+@dataclass(frozen=True)
+class BlockDiffusion(Objective):
+    """Block diffusion (BD3-LM, Arriola et al. 2025): masked diffusion inside blocks of `diffusion_block_size`
+    tokens, conditioned on the clean previous blocks; one vectorised pass over 2L tokens (smdm.block_diffusion).
+
+    `mask_rate_min`/`mask_rate_max` clip each block's masking rate to BD3-LM's lower-variance range for training;
+    validation always uses the unclipped ELBO.
+    """
+
+    name: ClassVar[str] = "bdm"
+    causal: ClassVar[bool] = False
+    # One pass over 2L tokens: twice the matmuls, and (block-sparse) attention over about as many keys per query.
+    compute_factor: ClassVar[float] = 2.0
+    diffusion_block_size: int | None = None
+    low_discrepancy: bool = False
+    prompt_dropout: float = 0.0
+    mask_rate_min: float | None = None
+    mask_rate_max: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.diffusion_block_size is None or self.diffusion_block_size < 1:
+            raise SmdmError("the bdm objective needs --diffusion-block-size B (a positive divisor of the context)")
+        check_time_range(*self._time_range())
+
+    def _time_range(self) -> tuple[float, float]:
+        low = MASK_EPS if self.mask_rate_min is None else self.mask_rate_min
+        return low, 1.0 if self.mask_rate_max is None else self.mask_rate_max
+
+    def check_context(self, context: int) -> None:
+        check_block_size(self.diffusion_block_size, context)
+
+    def block_length(self, seq_len: int) -> int:
+        check_block_size(self.diffusion_block_size, seq_len)
+        return seq_len
+
+    def loss(self, model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator,
+             mask_id: int) -> torch.Tensor:
+        low, high = self._time_range()
+        return bdm_step_loss(model, tokens, self.diffusion_block_size, generator, low, high, self.low_discrepancy,
+                             mask_id=mask_id)
+
+    def sft_loss(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
+                 generator: torch.Generator, mask_id: int) -> torch.Tensor:
+        low, high = self._time_range()
+        return bdm_sft_step_loss(model, tokens, prompt_lengths, self.diffusion_block_size, generator,
+                                 self.prompt_dropout, low, high, self.low_discrepancy, mask_id=mask_id)
+
+    def validation_draws(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor | None,
+                         draws: int, seed: int) -> Iterator[torch.Tensor]:
+        # The unclipped block ELBO with stratified rates and fixed seeds, whatever the training range.
+        for draw in range(draws):
+            generator = torch.Generator().manual_seed(seed + 7919 * draw)
+            if prompt_lengths is None:
+                yield bdm_step_loss(model, tokens, self.diffusion_block_size, generator, low_discrepancy=True)
+            else:
+                yield bdm_sft_step_loss(model, tokens, prompt_lengths, self.diffusion_block_size, generator,
+                                        low_discrepancy=True)
+
+    def options(self) -> dict[str, Any]:
+        recorded = {"diffusion_block_size": self.diffusion_block_size}
+        recorded.update({k: v for k, v in (("mask_rate_min", self.mask_rate_min),
+                                           ("mask_rate_max", self.mask_rate_max)) if v is not None})
+        return recorded
+
+
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (MaskedDiffusion, Autoregressive, BlockDiffusion)}
 
 
 def objective_names() -> list[str]:

@@ -414,6 +414,16 @@ def make_plan(model: Transformer, length: int, steps: int | None = None, tempera
     """Validate every sampler option at once, so bad input fails before any model call."""
     if schedule not in SCHEDULES:
         raise SmdmError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    if getattr(model, "diffusion_block_size", None):  # block diffusion validates its own options
+        from smdm.block_diffusion import block_settings
+
+        if schedule != "even":
+            raise SmdmError("the smdm reveal schedule is an MDM option; block diffusion uses the even schedule")
+        settings = block_settings(model, length, steps, temperature, remasking=remasking, block_length=block_length,
+                                  cfg_scale=cfg_scale, threshold=threshold, cache=cache, top_p=top_p, eos_id=eos_id,
+                                  stop_at_eos=stop_at_eos)
+        return Plan(length, settings.steps, settings.block_size, remasking, temperature, top_p, cfg_scale, threshold,
+                    cache or "kv", eos_id, stop_at_eos, schedule)  # type: ignore[arg-type]
     if length < 1:
         raise SmdmError(f"the generation length must be at least 1, got {length}")
     if temperature < 0 or not math.isfinite(temperature):
@@ -600,6 +610,12 @@ def generate(model: Transformer, prompt_ids: PromptIds, length: int, steps: int 
         plan = make_plan(model, length, steps, temperature, remasking=remasking, block_length=block_length,
                          cfg_scale=cfg_scale, threshold=threshold, cache=cache, top_p=top_p, eos_id=eos_id,
                          stop_at_eos=stop_at_eos, schedule=schedule)
+    if getattr(model, "diffusion_block_size", None):  # block diffusion (BD3-LM): its own sampler
+        from smdm.block_diffusion import generate_blocks
+
+        return generate_blocks(model, prompt_ids, length, plan.steps, plan.temperature, generator, on_step,
+                               remasking=plan.remasking, cfg_scale=plan.cfg_scale, threshold=plan.threshold,
+                               cache=plan.cache, top_p=plan.top_p, eos_id=eos_id, stop_at_eos=plan.stop_at_eos)
     prompts = _as_prompt_lists(prompt_ids)
     check_prompts(model, prompts, length)
     batch = PromptBatch.left_padded(prompts, eos_id if eos_id is not None else 0, model.lm_head.weight.device)

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from smdm.checkpoint import Checkpoint, load_checkpoint, lock_run_dir, resolve_checkpoint_dir, save_checkpoint
-from smdm.config import ModelConfig, non_embedding_params
+from smdm.config import CONFIGS, ModelConfig, non_embedding_params
 from smdm.data.packed import PackedDataset, load_manifest
 from smdm.data.prepare import tokenizer_file as manifest_tokenizer_file
 from smdm.data.sft import SFTDataset, read_sft_manifest
@@ -74,6 +74,9 @@ class TrainConfig:
     random_length_prob: float = 0.01  # fraction of batches cut to a random length
     low_discrepancy: bool = False  # stratified t across a batch for the MDM training loss
     prompt_dropout: float = 0.0  # SFT, MDM: hide each example's whole prompt with this probability (standard CFG)
+    diffusion_block_size: int | None = None  # bdm: tokens per diffusion block (BD3-LM); must divide seq_len
+    mask_rate_min: float | None = None  # bdm: clipped masking-rate range for training (BD3-LM), default [1e-3, 1]
+    mask_rate_max: float | None = None
     eval_every: int = 100
     eval_blocks: int = 32  # validation blocks
     eval_mc_samples: int = 4  # MDM: mask draws averaged per validation block
@@ -115,7 +118,8 @@ class TrainConfig:
     def make_objective(self) -> Objective:
         """The family this run trains, with its options."""
         return make_objective(self.objective, low_discrepancy=self.low_discrepancy,
-                              prompt_dropout=self.prompt_dropout)
+                              prompt_dropout=self.prompt_dropout, diffusion_block_size=self.diffusion_block_size,
+                              mask_rate_min=self.mask_rate_min, mask_rate_max=self.mask_rate_max)
 
     def validate(self) -> None:
         """Refuse impossible settings before anything is read or written."""
@@ -149,9 +153,13 @@ class TrainConfig:
             raise SmdmError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.prompt_dropout < 1:
             raise SmdmError("prompt_dropout must lie in [0, 1)")
-        if self.prompt_dropout > 0 and not self.objective == "mdm":
+        if self.prompt_dropout > 0 and self.objective not in ("mdm", "bdm"):
             raise SmdmError("prompt dropout trains classifier-free guidance, which only MDMs support")
-        self.make_objective()
+        objective = self.make_objective()
+        if self.init_from is None and self.model.lower() in CONFIGS:  # before any data is written
+            objective.check_context(CONFIGS[self.model.lower()].block_size)
+        if self.seq_len is not None:
+            objective.check_context(self.seq_len)
 
 
 def autocast_context(device: torch.device, dtype: str):
@@ -303,6 +311,10 @@ def starting_point(config: TrainConfig, objective: Objective, vocab_size: int) -
     if family != objective.name:
         raise SmdmError(f"{config.init_from}: an {family} checkpoint cannot start an {objective.name} run; "
                         f"pass --objective {family}")
+    block = initial.meta.get("objective_options", {}).get("diffusion_block_size")
+    if block is not None and block != getattr(objective, "diffusion_block_size", None):
+        raise SmdmError(f"{config.init_from}: a bdm checkpoint trained with block size {block} cannot start a run "
+                        f"with --diffusion-block-size {objective.diffusion_block_size}")
     return initial, initial.config
 
 
@@ -363,7 +375,8 @@ class Run:
 
     def per_token_flops(self) -> float:
         """Budget FLOPs per token under the run's count (smdm.flops)."""
-        return flops_per_token(self.model_config, self.data.seq_len, self.config.flops_count)
+        return self.objective.compute_factor * flops_per_token(self.model_config, self.data.seq_len,
+                                                               self.config.flops_count)
 
     def evaluate(self) -> float:
         """Validation loss of the current weights."""
@@ -433,6 +446,7 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     sft = manifest is not None
     manifest = manifest or load_manifest(config.data_dir)
     initial, model_config = starting_point(config, objective, int(manifest["tokenizer"]["vocab_size"]))
+    objective.check_context(model_config.block_size)
     data = load_run_data(config, objective, model_config, manifest, sft, info)
     tokenizer_file = manifest_tokenizer_file(data.train.manifest, config.data_dir)  # before anything is written
 
@@ -442,7 +456,8 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     n_params = non_embedding_params(model_config)
     tokens_per_step = config.batch_size * config.grad_accum * data.seq_len * info.world_size
     total_steps = total_steps_for(config, tokens_per_step,
-                                  flops_per_token(model_config, data.seq_len, config.flops_count),
+                                  objective.compute_factor * flops_per_token(model_config, data.seq_len,
+                                                                             config.flops_count),
                                   rows=len(data.train),
                                   rows_per_step=config.batch_size * config.grad_accum * info.world_size)
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 100)
@@ -508,7 +523,7 @@ def _iterate_steps(start: int, end: int, enabled: bool) -> Iterator[tuple[int, A
 def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     run = build_run(config, info)
     log = _open_log(run)
-    hardware_flops = hardware_flops_per_token(run.model_config, run.data.seq_len)
+    hardware_flops = run.objective.compute_factor * hardware_flops_per_token(run.model_config, run.data.seq_len)
     peak_flops = config.peak_flops or device_peak_flops(info.device)
     val_loss = None
     window_start, window_inputs = time.perf_counter(), 0

@@ -26,6 +26,7 @@ def _add_task_model_args(p: argparse.ArgumentParser, epochs: float, lr: float) -
     p.add_argument("--init-from", help="fine-tune this checkpoint (default: train from scratch)")
     p.add_argument("--model", default="tiny-1m", help="config when training from scratch")
     p.add_argument("--objective", choices=objective_names(), default="mdm")
+    p.add_argument("--diffusion-block-size", type=positive_int, help="bdm: tokens per diffusion block (BD3-LM)")
     p.add_argument("--epochs", type=positive_float, default=epochs)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=positive_float, default=lr)

@@ -24,6 +24,7 @@ class TaskModel:
     init_from: str | None = None  # fine-tune this checkpoint; neither: train from scratch
     model: str = "tiny-1m"  # config when training from scratch
     objective: str = "mdm"
+    diffusion_block_size: int | None = None  # bdm only
     epochs: float = 30
     batch_size: int = 32
     lr: float = 3e-3
@@ -73,7 +74,8 @@ class TaskModel:
                 Path(self.out).mkdir(parents=True, exist_ok=True)
                 train_bpe(texts, self.vocab_size, tokenizer)
         config = TrainConfig(data_dir="", out_dir=str(Path(self.out) / "run"), model=self.model,
-                             objective=self.objective, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                             objective=self.objective, diffusion_block_size=self.diffusion_block_size,
+                             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                              init_from=self.init_from, seed=self.seed, threads=self.threads, device=self.device,
                              resume=self.resume, eval_every=10**9, save_every=self.save_every,
                              progress=self.progress)
