@@ -87,7 +87,7 @@ def run_demo(config: DemoConfig) -> dict:
     samples = []
     for prompt in config.prompts:
         ids = tokenizer.encode(prompt)
-        out = generate(checkpoint.model, ids, config.sample_length, config.sample_length, generator=generator,
+        out = generate(checkpoint.model, [ids], config.sample_length, config.sample_length, generator=generator,
                        eos_id=tokenizer.eos_id)
         text = tokenizer.decode(out.completions[0])
         samples.append({"prompt": prompt, "completion": text})

@@ -213,3 +213,23 @@ def is_causal(name: str) -> bool:
     if name not in OBJECTIVES:
         raise SmdmError(f"unknown objective {name!r}; use one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name].causal
+
+
+def parse_family(label: str) -> tuple[str, dict[str, int]]:
+    """A family label of a study ("mdm", "arm", or "bdm:B" for block diffusion with blocks of B tokens) as the
+    objective's name and options, so one sweep can hold several block sizes as separate families."""
+    name, _, block = label.partition(":")
+    if name not in OBJECTIVES:
+        raise SmdmError(f"unknown objective {label!r}; use one of {', '.join(OBJECTIVES)} (bdm as bdm:B)")
+    if name != "bdm":
+        if block:
+            raise SmdmError(f"{label!r}: only bdm takes a block size (bdm:B)")
+        return name, {}
+    if not block.isdigit() or int(block) < 1:
+        raise SmdmError(f"{label!r}: block diffusion in a study is bdm:B with a block size B >= 1, e.g. bdm:8")
+    return name, {"diffusion_block_size": int(block)}
+
+
+def family_compute_factor(label: str) -> float:
+    """Training FLOPs per token of a family relative to one pass (2 for block diffusion's 2L-token pass)."""
+    return OBJECTIVES[parse_family(label)[0]].compute_factor

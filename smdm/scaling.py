@@ -23,6 +23,7 @@ import numpy as np
 from smdm.config import ModelConfig, non_embedding_params
 from smdm.errors import SmdmError
 from smdm.flops import FLOPS_COUNTS, FlopsCount, flops_per_token, steps_for_budget  # noqa: F401 -- re-exported for sweeps
+from smdm.objectives import family_compute_factor, parse_family
 
 MANIFEST_FORMAT = "smdm-sweep-1"
 
@@ -100,9 +101,8 @@ def _check_spec(spec: SweepSpec) -> None:
         raise SmdmError(f"unknown flops_count {spec.flops_count!r}; use one of {', '.join(FLOPS_COUNTS)}")
     if not spec.models or not spec.budgets or not spec.objectives:
         raise SmdmError("a sweep needs at least one model, one budget and one objective")
-    bad = [o for o in spec.objectives if o not in ("mdm", "arm")]
-    if bad:
-        raise SmdmError(f"unknown objectives {bad}; use mdm and/or arm")
+    for label in spec.objectives:
+        parse_family(label)
     if any(not math.isfinite(b) or b <= 0 for b in spec.budgets):
         raise SmdmError("budgets must be positive FLOPs")
     micro = spec.micro_batch_size or spec.batch_size
@@ -143,18 +143,20 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
             seq_len = spec.seq_len or config.block_size
             if seq_len > config.block_size:
                 raise SmdmError(f"seq_len {seq_len} exceeds {config.name}'s block size {config.block_size}")
-            per_token = {c: flops_per_token(config, seq_len, c) for c in FLOPS_COUNTS}  # type: ignore[arg-type]
             tokens_per_step = spec.batch_size * seq_len
-            steps = steps_for_budget(budget, per_token[spec.flops_count], tokens_per_step)
-            if steps < max(1, spec.min_steps):
-                one_step = per_token[spec.flops_count] * tokens_per_step
-                raise SmdmError(f"budget {budget:.3g} FLOPs is too small for {config.name}: {steps} steps, need "
-                                f"{max(1, spec.min_steps)} (one step of {tokens_per_step:,} tokens costs "
-                                f"{one_step:.3g} FLOPs)")
-            warmup = max(1, int(steps * spec.warmup_fraction))
-            save_every = max(1, math.ceil(steps / max(1, spec.checkpoints_per_run)))
             for objective in (o for o in spec.objectives if config.name in windows[o]):
-                name = f"{objective}-{config.name}-C{budget:.0e}".replace("+", "")
+                # A family's token may cost more than one pass (block diffusion: 2L tokens), as `smdm train` counts.
+                factor = family_compute_factor(objective)
+                per_token = {c: factor * flops_per_token(config, seq_len, c) for c in FLOPS_COUNTS}
+                steps = steps_for_budget(budget, per_token[spec.flops_count], tokens_per_step)
+                if steps < max(1, spec.min_steps):
+                    one_step = per_token[spec.flops_count] * tokens_per_step
+                    raise SmdmError(f"budget {budget:.3g} FLOPs is too small for {config.name} ({objective}): {steps} "
+                                    f"steps, need {max(1, spec.min_steps)} (one step of {tokens_per_step:,} tokens "
+                                    f"costs {one_step:.3g} FLOPs)")
+                warmup = max(1, int(steps * spec.warmup_fraction))
+                save_every = max(1, math.ceil(steps / max(1, spec.checkpoints_per_run)))
+                name = f"{objective.replace(':', '')}-{config.name}-C{budget:.0e}".replace("+", "")
                 train = {
                     "seq_len": seq_len, "batch_size": micro, "grad_accum": spec.batch_size // micro,
                     "lr": spec.lr, "min_lr_ratio": spec.min_lr_ratio, "warmup_steps": warmup, "max_steps": steps,

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from smdm.checkpoint import RUN_LOCK_FILE, lock_run_dir
 from smdm.errors import SmdmError
+from smdm.objectives import parse_family
 from smdm.scaling import PlannedRun, RunResult, SweepSpec
 
 LOCK_FILE = RUN_LOCK_FILE
@@ -67,7 +68,9 @@ def train_argv(run: PlannedRun, data_dir: str, world_size: int = 1) -> list[str]
         raise SmdmError(f"{run.name}: batch {run.batch_size} is not divisible by micro-batch {micro} "
                         f"x {world_size} devices")
     train = {**run.train, "batch_size": micro, "grad_accum": run.batch_size // (micro * world_size)}
-    argv = ["train", "--data", data_dir, "--out", run.out_dir, "--model", run.model, "--objective", run.objective]
+    objective, options = parse_family(run.objective)
+    argv = ["train", "--data", data_dir, "--out", run.out_dir, "--model", run.model, "--objective", objective]
+    argv += [arg for key, value in options.items() for arg in ("--" + key.replace("_", "-"), str(value))]
     for key, value in train.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):

@@ -258,3 +258,20 @@ def test_tensorboard_logs_the_same_numbers_as_metrics(toy_data, tmp_path):
     assert scalars.keys() == losses.keys()
     assert all(math.isclose(scalars[s], losses[s], rel_tol=1e-6) for s in losses)
     assert [e.step for e in events.Scalars("val_loss")] == [2, 4]
+
+
+def test_sweeps_hold_block_diffusion_families_at_their_own_compute():
+    from smdm.cli import _train_config, build_parser
+    from smdm.sweep import train_argv
+
+    spec = SweepSpec(name="t", data_dir="d", out_dir="o", models=["tiny-1m"], budgets=[3e12], seq_len=128,
+                     batch_size=16, lr=1e-3, objectives=["mdm", "arm", "bdm:8"])
+    runs = {r.objective: r for r in plan_sweep(spec)}
+    assert runs["bdm:8"].steps == runs["mdm"].steps // 2  # a BDM token is a 2L-token pass: half the tokens
+    assert runs["bdm:8"].flops == pytest.approx(runs["mdm"].flops, rel=0.01) and runs["bdm:8"].name.startswith("bdm8-")
+    config = _train_config(build_parser().parse_args(train_argv(runs["bdm:8"], "d")))
+    assert (config.objective, config.diffusion_block_size, config.max_steps) == ("bdm", 8, runs["bdm:8"].steps)
+    for bad in ("bdm", "bdm:0", "mdm:8", "ddpm"):
+        with pytest.raises(SmdmError):
+            plan_sweep(SweepSpec(name="t", data_dir="d", out_dir="o", models=["tiny-1m"], budgets=[3e12],
+                                 seq_len=128, batch_size=16, lr=1e-3, objectives=[bad]))

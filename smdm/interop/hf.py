@@ -14,27 +14,18 @@ from typing import Any
 
 from smdm.config import ModelConfig
 from smdm.errors import SmdmError
-from smdm.interop.shards import NameMap, Slot
+from smdm.interop.shards import NameMap, Slot, layer_slots
+
+_HF_LAYER = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+             "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 
 
 def hf_names(config: ModelConfig) -> dict[str, Slot]:
     """Qwen2/Llama tensor names (shared by Dream) -> slots of our fused state dict."""
-    hs, hidden, vocab = config.head_size, config.intermediate_size, config.vocab_size
-    nq, nkv = config.n_head * hs, config.n_query_groups * hs
-    names = {"model.embed_tokens.weight": Slot("embed.weight", 0, vocab)}
+    names = {"model.embed_tokens.weight": Slot("embed.weight", 0, config.vocab_size)}
     for i in range(config.n_layer):
-        src, dst = f"model.layers.{i}.", f"blocks.{i}."
-        kinds = ("weight", "bias") if config.qkv_bias else ("weight",)
-        for kind in kinds:
-            names[src + f"self_attn.q_proj.{kind}"] = Slot(dst + f"attn.qkv.{kind}", 0, nq)
-            names[src + f"self_attn.k_proj.{kind}"] = Slot(dst + f"attn.qkv.{kind}", nq, nq + nkv)
-            names[src + f"self_attn.v_proj.{kind}"] = Slot(dst + f"attn.qkv.{kind}", nq + nkv, nq + 2 * nkv)
-        names[src + "self_attn.o_proj.weight"] = Slot(dst + "attn.proj.weight")
-        names[src + "mlp.gate_proj.weight"] = Slot(dst + "mlp.gate_up.weight", 0, hidden)
-        names[src + "mlp.up_proj.weight"] = Slot(dst + "mlp.gate_up.weight", hidden, 2 * hidden)
-        names[src + "mlp.down_proj.weight"] = Slot(dst + "mlp.down.weight")
-        names[src + "input_layernorm.weight"] = Slot(dst + "attn_norm.weight")
-        names[src + "post_attention_layernorm.weight"] = Slot(dst + "mlp_norm.weight")
+        names.update(layer_slots(config, i, f"model.layers.{i}.", _HF_LAYER))
     names["model.norm.weight"] = Slot("norm.weight")
     if not config.tie_embeddings:
         names["lm_head.weight"] = Slot("lm_head.weight")

@@ -16,7 +16,7 @@ from typing import Any
 
 from smdm.config import ModelConfig
 from smdm.errors import SmdmError
-from smdm.interop.shards import NameMap, Slot
+from smdm.interop.shards import NameMap, Slot, layer_slots
 
 # LLaDA options smdm's Transformer does not implement, with the value it does.
 _FIXED = {"block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "rope": True, "alibi": False,
@@ -24,23 +24,15 @@ _FIXED = {"block_type": "llama", "activation_type": "silu", "layer_norm_type": "
           "layer_norm_with_affine": True, "multi_query_attention": None}
 
 
+_LLADA_LAYER = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "attn_out", "gate": "ff_proj", "up": "up_proj",
+                "down": "ff_out", "attn_norm": "attn_norm", "mlp_norm": "ff_norm"}
+
+
 def llada_names(config: ModelConfig, head_padding: int = 0) -> dict[str, Slot]:
     """LLaDA tensor names -> slots of our state dict."""
-    hs, hidden = config.head_size, config.intermediate_size
-    nq, nkv = config.n_head * hs, config.n_query_groups * hs
     names = {"model.transformer.wte.weight": Slot("embed.weight")}
     for i in range(config.n_layer):
-        src, dst = f"model.transformer.blocks.{i}.", f"blocks.{i}."
-        for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
-            names[src + f"q_proj.{kind}"] = Slot(dst + f"attn.qkv.{kind}", 0, nq)
-            names[src + f"k_proj.{kind}"] = Slot(dst + f"attn.qkv.{kind}", nq, nq + nkv)
-            names[src + f"v_proj.{kind}"] = Slot(dst + f"attn.qkv.{kind}", nq + nkv, nq + 2 * nkv)
-        names[src + "attn_out.weight"] = Slot(dst + "attn.proj.weight")
-        names[src + "ff_proj.weight"] = Slot(dst + "mlp.gate_up.weight", 0, hidden)
-        names[src + "up_proj.weight"] = Slot(dst + "mlp.gate_up.weight", hidden, 2 * hidden)
-        names[src + "ff_out.weight"] = Slot(dst + "mlp.down.weight")
-        names[src + "attn_norm.weight"] = Slot(dst + "attn_norm.weight")
-        names[src + "ff_norm.weight"] = Slot(dst + "mlp_norm.weight")
+        names.update(layer_slots(config, i, f"model.transformer.blocks.{i}.", _LLADA_LAYER))
     names["model.transformer.ln_f.weight"] = Slot("norm.weight")
     if not config.tie_embeddings:
         names["model.transformer.ff_out.weight"] = Slot("lm_head.weight", padding=head_padding)

@@ -47,6 +47,31 @@ class Slot:
     padding: int = 0
 
 
+# Our per-layer tensors in the order `layer_slots` takes the foreign names of: q, k, v (slices of the fused qkv),
+# the attention output, gate and up (slices of the fused gate_up), down, and the two norms.
+LAYER_PARTS = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")
+
+
+def layer_slots(config: ModelConfig, layer: int, prefix: str, names: dict[str, str]) -> dict[str, Slot]:
+    """One layer's foreign tensor names (`prefix` + names[part] + ".weight"/".bias") -> slots of our fused state dict;
+    every Llama-style layout (HF Llama/Qwen2/Dream, LLaDA) differs only in these names."""
+    hs, hidden = config.head_size, config.intermediate_size
+    nq, nkv = config.n_head * hs, config.n_query_groups * hs
+    dst = f"blocks.{layer}."
+    slots = {}
+    for kind in ("weight", "bias") if config.qkv_bias else ("weight",):
+        slots[f"{prefix}{names['q']}.{kind}"] = Slot(dst + f"attn.qkv.{kind}", 0, nq)
+        slots[f"{prefix}{names['k']}.{kind}"] = Slot(dst + f"attn.qkv.{kind}", nq, nq + nkv)
+        slots[f"{prefix}{names['v']}.{kind}"] = Slot(dst + f"attn.qkv.{kind}", nq + nkv, nq + 2 * nkv)
+    slots[f"{prefix}{names['o']}.weight"] = Slot(dst + "attn.proj.weight")
+    slots[f"{prefix}{names['gate']}.weight"] = Slot(dst + "mlp.gate_up.weight", 0, hidden)
+    slots[f"{prefix}{names['up']}.weight"] = Slot(dst + "mlp.gate_up.weight", hidden, 2 * hidden)
+    slots[f"{prefix}{names['down']}.weight"] = Slot(dst + "mlp.down.weight")
+    slots[f"{prefix}{names['attn_norm']}.weight"] = Slot(dst + "attn_norm.weight")
+    slots[f"{prefix}{names['mlp_norm']}.weight"] = Slot(dst + "mlp_norm.weight")
+    return slots
+
+
 NameMap = Mapping[str, Slot]
 
 
