@@ -296,6 +296,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from smdm.sample import check_prompts, generate, make_plan, read_prompts_file
 
+    if args.infill is not None:
+        return _sample_infill(args)
     prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     prompts = prompts or [""]  # one unconditional sample
     if args.batch_size < 1:
@@ -333,6 +335,22 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"{len(records)} samples -> {out}", file=sys.stderr)
 
 
+def _sample_infill(args: argparse.Namespace) -> None:
+    """`smdm sample --infill TEXT`: fill the <|mask:N|> spans of TEXT (MDM only); one JSON line."""
+    import torch
+
+    from smdm.infill import fill_text
+
+    if args.prompt or args.prompts_file:
+        raise SmdmError("--infill takes the whole text (given parts and <|mask:N|> spans); drop --prompt")
+    checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    record = fill_text(checkpoint.model, tokenizer, args.infill, bos=args.bos,
+                       generator=torch.Generator().manual_seed(args.seed), steps=args.steps,
+                       temperature=args.temperature, remasking=args.remasking, block_length=args.block_length,
+                       cfg_scale=args.cfg_scale, threshold=args.threshold, cache=args.cache, top_p=args.top_p)
+    print(json.dumps(record, ensure_ascii=False), flush=True)
+
+
 def cmd_likelihood(args: argparse.Namespace) -> None:
     import torch
 
@@ -342,16 +360,19 @@ def cmd_likelihood(args: argparse.Namespace) -> None:
     ids = tokenizer.encode(args.text)
     if not ids:
         raise SmdmError("the text is empty")
-    if args.prefix is None:
+    if args.prefix is None and args.suffix is None:
         nll, stderr = sequence_nll(checkpoint.model, torch.tensor(ids), mc_samples=args.mc_samples, seed=args.seed)
         print(json.dumps({"tokens": len(ids), "nll_nats": nll, "stderr": stderr, "nats_per_token": nll / len(ids)}))
         return
-    prefix = tokenizer.encode(args.prefix)
+    prefix = tokenizer.encode(args.prefix or "")
     options = {"cfg_scale": args.cfg_scale} if args.cfg_scale else {}
+    if args.suffix:
+        options["suffix"] = tokenizer.encode(args.suffix)
     if args.method == "mc" and not checkpoint.model.causal:
         options.update(mc_samples=args.mc_samples, seed=args.seed)
     result = score(checkpoint.model, prefix, ids, method=args.method, **options)
-    print(json.dumps({"prefix_tokens": len(prefix), "tokens": len(ids), "nll_nats": result.nll,
+    print(json.dumps({"prefix_tokens": len(prefix), "suffix_tokens": len(options.get("suffix", [])),
+                      "tokens": len(ids), "nll_nats": result.nll,
                       "stderr": result.stderr, "nats_per_token": result.nll / len(ids),
                       "forward_passes": result.forward_passes}))
 
@@ -670,6 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer")
     p.add_argument("--bos", action="store_true", help="prepend BOS to prompts")
     p.add_argument("--show-steps", action="store_true", help="print the sequence after every step (stderr)")
+    p.add_argument("--infill", metavar="TEXT",
+                   help="MDM: fill the spans marked <|mask:N|> (N hidden tokens) in TEXT, given text on both sides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     _add_threads_arg(p)
@@ -679,6 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--text", required=True, help="the text to score (the target when --prefix is given)")
     p.add_argument("--prefix", help="score --text as a continuation of this prefix: -log p(text | prefix)")
+    p.add_argument("--suffix", help="MDM with --prefix: also condition on this text after --text (a span between)")
     p.add_argument("--method", choices=["mc", "chain"], default="mc",
                    help="MDM with --prefix: Monte-Carlo bound or exact left-to-right chain rule")
     p.add_argument("--cfg-scale", type=float, default=None, help="MDM with --prefix: unsupervised CFG weight")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -41,24 +42,28 @@ class ScoreResult(NamedTuple):
     forward_passes: int
 
 
-def _check_pair(model: Transformer, prefix: list[int], target: list[int]) -> None:
+def _check_pair(model: Transformer, prefix: list[int], target: list[int], suffix: Sequence[int] = ()) -> None:
     if not target:
         raise SmdmError("the target to score is empty")
-    if len(prefix) + len(target) > model.config.block_size:
-        raise SmdmError(f"prefix ({len(prefix)}) + target ({len(target)}) tokens exceed the block size "
-                        f"{model.config.block_size}")
+    if len(prefix) + len(target) + len(suffix) > model.config.block_size:
+        raise SmdmError(f"prefix ({len(prefix)}) + target ({len(target)}) + suffix ({len(suffix)}) tokens exceed "
+                        f"the block size {model.config.block_size}")
 
 
-def guided_logits(model: Transformer, x: torch.Tensor, prefix_len: int, cfg_scale: float | None) -> torch.Tensor:
+def guided_logits(model: Transformer, x: torch.Tensor, prefix_len: int, cfg_scale: float | None,
+                  suffix_len: int = 0) -> torch.Tensor:
     """Logits with unsupervised classifier-free guidance: cond + w·(cond − uncond) = uncond + (w+1)(cond − uncond).
 
     The unconditional pass is the same input with the prefix replaced by [MASK] (Nie et al. 2025): no separately
-    trained unconditional model. Both passes run in one batch.
+    trained unconditional model. Both passes run in one batch. When a span is scored between given text, the
+    given text after it (`suffix_len` tokens) is masked too.
     """
     if not cfg_scale:
         return model(x)
     uncond = x.clone()
     uncond[:, :prefix_len] = model.mask_id
+    if suffix_len:
+        uncond[:, x.size(1) - suffix_len:] = model.mask_id
     cond_logits, uncond_logits = model(torch.cat([x, uncond])).float().chunk(2)
     return cond_logits + cfg_scale * (cond_logits - uncond_logits)
 
@@ -85,8 +90,9 @@ def _draw_masks(n: int, length: int, estimator: str, generator: torch.Generator,
 @torch.no_grad()
 def mc_score(model: Transformer, prefix: list[int], target: list[int], mc_samples: int = 128, batch_size: int = 32,
              estimator: str = "count", low_discrepancy: bool = True, cfg_scale: float | None = None,
-             seed: int = 0) -> ScoreResult:
-    """Monte-Carlo bound on -log p(target | prefix) for an MDM: only target tokens are masked, the prefix is given.
+             seed: int = 0, suffix: Sequence[int] = ()) -> ScoreResult:
+    """Monte-Carlo bound on -log p(target | prefix, suffix) for an MDM: only target tokens are masked, the text on
+    both sides is given (an MDM conditions on either side alike, which is what makes infilling scorable).
 
     Each draw masks part of the target and sums the weighted cross-entropy of the masked tokens; the mean over draws
     is the bound, reported with its standard error. mc_samples need not divide by batch_size.
@@ -97,10 +103,10 @@ def mc_score(model: Transformer, prefix: list[int], target: list[int], mc_sample
         raise SmdmError(f"unknown estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
     if mc_samples < 2 or batch_size < 1:
         raise SmdmError("mc_samples must be at least 2 and batch_size at least 1")
-    _check_pair(model, prefix, target)
+    _check_pair(model, prefix, target, suffix)
     device = model.lm_head.weight.device
-    tokens = torch.tensor(prefix + target, device=device)
-    start = len(prefix)
+    tokens = torch.tensor(prefix + target + list(suffix), device=device)
+    start, stop = len(prefix), len(prefix) + len(target)
     generator = torch.Generator().manual_seed(seed)
     draws: list[torch.Tensor] = []
     passes = 0
@@ -109,8 +115,9 @@ def mc_score(model: Transformer, prefix: list[int], target: list[int], mc_sample
         masked, weight = _draw_masks(n, len(target), estimator, generator, low_discrepancy)
         masked = masked.to(device)
         x = tokens[None].repeat(n, 1)
-        x[:, start:] = torch.where(masked, torch.full_like(masked, model.mask_id, dtype=torch.long), x[:, start:])
-        logits = guided_logits(model, x, start, cfg_scale)[:, start:]
+        x[:, start:stop] = torch.where(masked, torch.full_like(masked, model.mask_id, dtype=torch.long),
+                                       x[:, start:stop])
+        logits = guided_logits(model, x, start, cfg_scale, len(suffix))[:, start:stop]
         passes += 2 if cfg_scale else 1
         ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x.new_tensor(target).repeat(n),
                                                reduction="none").view(n, -1).double()
@@ -121,24 +128,26 @@ def mc_score(model: Transformer, prefix: list[int], target: list[int], mc_sample
 
 @torch.no_grad()
 def chain_rule_score(model: Transformer, prefix: list[int], target: list[int], batch_size: int = 32,
-                     cfg_scale: float | None = None) -> ScoreResult:
-    """Exact -log p(target | prefix) of an MDM for the left-to-right reveal order: one forward pass per token, batched.
+                     cfg_scale: float | None = None, suffix: Sequence[int] = ()) -> ScoreResult:
+    """Exact -log p(target | prefix, suffix) of an MDM for the left-to-right reveal order: one forward pass per
+    token, batched.
 
-    Row k sees the prefix and target[:k] with the rest masked, and scores target[k].
+    Row k sees the prefix, target[:k] and the suffix with the rest of the target masked, and scores target[k].
     """
     if model.causal:
         raise SmdmError("chain-rule scoring of an MDM needs an MDM; score an ARM with arm_score")
-    _check_pair(model, prefix, target)
+    _check_pair(model, prefix, target, suffix)
     device = model.lm_head.weight.device
     start, length = len(prefix), len(target)
-    full = torch.tensor(prefix + target, device=device)
+    full = torch.tensor(prefix + target + list(suffix), device=device)
     total, passes = 0.0, 0
     for first in range(0, length, batch_size):
         ks = torch.arange(first, min(length, first + batch_size), device=device)
         x = full[None].repeat(len(ks), 1)
         columns = torch.arange(length, device=device)[None]
-        x[:, start:] = torch.where(columns >= ks[:, None], torch.full_like(x[:, start:], model.mask_id), x[:, start:])
-        logits = guided_logits(model, x, start, cfg_scale)
+        span = slice(start, start + length)
+        x[:, span] = torch.where(columns >= ks[:, None], torch.full_like(x[:, span], model.mask_id), x[:, span])
+        logits = guided_logits(model, x, start, cfg_scale, len(suffix))
         passes += 2 if cfg_scale else 1
         rows = torch.arange(len(ks), device=device)
         log_probs = logits[rows, start + ks].float().log_softmax(-1)
@@ -164,13 +173,16 @@ def arm_score(model: Transformer, prefix: list[int], target: list[int]) -> Score
 def score(model: Transformer, prefix: list[int], target: list[int], method: str = "mc", **options) -> ScoreResult:
     """One entry for both families: an ARM is scored exactly; an MDM by Monte Carlo ("mc") or chain rule ("chain")."""
     if model.causal:
+        if options.get("suffix"):
+            raise SmdmError("scoring a span given the text after it needs an MDM; an ARM only conditions on the "
+                            "text before")
         if options.get("cfg_scale"):
             raise SmdmError("classifier-free guidance needs an MDM, not an ARM")
         return arm_score(model, prefix, target)
     if method == "mc":
         return mc_score(model, prefix, target, **options)
     if method == "chain":
-        allowed = {k: v for k, v in options.items() if k in ("batch_size", "cfg_scale")}
+        allowed = {k: v for k, v in options.items() if k in ("batch_size", "cfg_scale", "suffix")}
         return chain_rule_score(model, prefix, target, **allowed)
     raise SmdmError(f"unknown likelihood method {method!r}; use mc or chain")
 
