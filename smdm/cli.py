@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from smdm.errors import SmdmError
+from smdm.serve import cli as serve_cli
 
 
 def load_for_inference(path: str, tokenizer_path: str | None, device: str):
@@ -557,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser; exposed for tests and documentation."""
     parser = argparse.ArgumentParser(prog="smdm", description="Masked diffusion language models (and matched ARMs).")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve_cli.add_parser(sub)  # smdm serve (smdm/serve/cli.py)
 
     p = sub.add_parser("demo", help="train a small MDM on the embedded corpus, then sample and score text")
     p.add_argument("--work-dir", default="runs/demo")
