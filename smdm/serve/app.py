@@ -284,7 +284,8 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": config.name, "family": family, "waiting": batcher.waiting}
+        return {"status": "ok", "model": config.name, "family": family, "waiting": batcher.waiting,
+                "batches": batcher.batches_run, "rows": batcher.rows_run, "abandoned": batcher.batches_abandoned}
 
     @app.get("/v1/models")
     async def models():

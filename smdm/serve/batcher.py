@@ -112,6 +112,7 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="smdm-batcher", daemon=True)
         self.batches_run = 0
         self.rows_run = 0
+        self.batches_abandoned = 0  # stopped early because every client of the batch went away
 
     def start(self) -> None:
         self._thread.start()
@@ -258,6 +259,8 @@ class Batcher:
                                 stop_at_eos=True, **common)
                 grid, passes, width = result.tokens, result.forward_passes, result.width
         except _BatchOver:
+            if all(job.cancelled for job in batch):
+                self.batches_abandoned += 1
             grid, passes = latest["grid"], latest["passes"]
             width = self._width(rows, grid)
         results = []
