@@ -150,6 +150,8 @@ def test_mdm_stream_shows_every_denoising_step(mdm_server):
             "smdm_show_steps": True}
     events = sse_events(mdm_server, body, {"Authorization": f"Bearer {KEY}"})
     frames = [e["choices"][0]["smdm"] for e in events if "tokens" in e["choices"][0].get("smdm", {})]
+    final = frames.pop()
+    assert final["done"] and None not in final["tokens"] and final["step"] == 4
     assert [f["step"] for f in frames] == [1, 2, 3, 4] and [f["forward_passes"] for f in frames] == [1, 2, 3, 4]
     hidden = [sum(t is None for t in f["tokens"]) for f in frames]
     assert hidden == [6, 4, 2, 0]  # two tokens revealed per step (8 tokens in 4 steps)

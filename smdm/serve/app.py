@@ -390,6 +390,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     async def _stream(job: Job, events: asyncio.Queue, parsed: Parsed, choices: list[ChoiceText], ident: str,
                       created: int, deadline: float, chat: bool):
         loop = asyncio.get_running_loop()
+        last_step = 0
         try:
             if chat:
                 yield _chunk(ident, created, chat, [_choice(chat, i, "", None, first=True)
@@ -408,6 +409,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                     break
                 if event[0] == "step":
                     view: StepView = event[1]
+                    last_step = view.step + 1
                     out = []
                     for index, (ids, choice) in enumerate(zip(view.rows, choices)):
                         text = choice.delta(ids, final=False)
@@ -427,6 +429,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
                     completion_tokens += len(result.ids)
                     item = _choice(chat, index, text, reason)
                     item["smdm"] = {"forward_passes": passes, "done": True}
+                    if parsed.show_steps:  # the final frame: masks after an EOS were filled without a step
+                        ids = result.ids + ([tokenizer.eos_id] if result.finished_by_eos else [])
+                        item["smdm"].update(_frame(tokenizer, ids, mask_id, last_step - 1, passes), done=True)
                     out.append(item)
                 yield _chunk(ident, created, chat, out)
                 if parsed.include_usage:
