@@ -7,7 +7,8 @@ Jinja template) when it has one, else smdm's SFT template (`smdm.data.sft.render
 
 from __future__ import annotations
 
-from smdm.data.sft import render_chat
+import argparse
+
 from smdm.errors import SmdmError
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -37,7 +38,138 @@ def prompt_from_messages(tokenizer, messages: object) -> str:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise SmdmError(f"{where}: expected an object with a role among {', '.join(ROLES)}")
         clean.append({"role": message["role"], "content": message_text(message.get("content"), where)})
+    from smdm.data.sft import render_chat
+
     template = getattr(tokenizer, "apply_chat_template", None)
     if callable(template):
         return template(clean, add_generation_prompt=True)
     return render_chat(clean + [{"role": "assistant", "content": ""}], "messages").prompt
+
+
+# --- `smdm chat` -----------------------------------------------------------------------------------------------
+
+MASK_GLYPH = "▒"
+HELP = "type a message; /reset forgets the conversation, /quit (or end of input) leaves"
+
+
+def add_parser(subparsers) -> None:
+    """Register `smdm chat` on the CLI's subparsers."""
+    p = subparsers.add_parser("chat", help="talk to a checkpoint in the terminal (multi-turn, its chat template)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--tokenizer")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (an MDM's canvas)")
+    p.add_argument("--steps", type=int, default=None, help="MDM denoising steps (default: max tokens)")
+    p.add_argument("--block-length", type=int, default=None, help="MDM semi-autoregressive block length")
+    p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--cfg-scale", type=float, default=None)
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--cache", choices=["none", "prefix", "dual", "kv"], default=None)
+    p.add_argument("--system", help="a system message opening the conversation")
+    p.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
+                   help="redraw the answer in place as it is unmasked (default: on when stdout is a terminal)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_chat)
+
+
+def _live_text(tokenizer, ids: list[int], mask_id: int | None) -> str:
+    """The answer so far: revealed tokens as text, hidden ones as a glyph, nothing after an EOS."""
+    if tokenizer.eos_id in ids and (mask_id is None or mask_id not in ids[: ids.index(tokenizer.eos_id)]):
+        ids = ids[: ids.index(tokenizer.eos_id)]
+    pieces, run = [], []
+    for token in ids:
+        if token == mask_id:
+            if run:
+                pieces.append(tokenizer.decode(run))
+                run = []
+            pieces.append(MASK_GLYPH)
+        elif token != tokenizer.eos_id:
+            run.append(token)
+    if run:
+        pieces.append(tokenizer.decode(run))
+    return "".join(pieces)
+
+
+def reply(model, tokenizer, messages: list[dict], max_tokens: int, generator, on_text=None, **sampler) -> str:
+    """The assistant's next turn: the conversation through the chat template, sampled, cut at EOS / the next turn.
+
+    Older turns are dropped (two messages at a time, a system message kept) when the conversation and the answer
+    would not fit the model's context.
+    """
+    from smdm.data.sft import CHAT_USER
+    from smdm.sample import generate
+
+    history = list(messages)
+    while True:
+        ids = tokenizer.encode(prompt_from_messages(tokenizer, history))
+        if len(ids) + max_tokens <= model.config.block_size:
+            break
+        first = 1 if history[0]["role"] == "system" else 0
+        if len(history) - first <= 1:
+            raise SmdmError(f"the message ({len(ids)} tokens) and the answer ({max_tokens}) exceed the context "
+                            f"{model.config.block_size}; write less or lower --max-tokens")
+        del history[first:first + 2]
+    mask_id = None if model.causal else model.mask_id
+    on_step = None
+    if on_text is not None:
+        def on_step(step: int, grid) -> None:
+            on_text(_live_text(tokenizer, grid[0, len(ids):].tolist(), mask_id))
+    if model.causal and not ids:
+        ids = [tokenizer.eos_id]
+    result = generate(model, [ids], max_tokens, generator=generator, on_step=on_step, eos_id=tokenizer.eos_id,
+                      stop_at_eos=True, **sampler)
+    text = tokenizer.decode(result.completions[0])
+    return text.split(CHAT_USER.strip())[0].strip()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    import sys
+
+    import torch
+
+    from smdm.checkpoint import load_for_inference
+    from smdm.sample import make_plan
+
+    checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device)
+    model = checkpoint.model.eval()
+    sampler = {"steps": args.steps, "temperature": args.temperature, "remasking": args.remasking,
+               "block_length": args.block_length, "cfg_scale": args.cfg_scale, "threshold": args.threshold,
+               "cache": args.cache, "top_p": args.top_p}
+    make_plan(model, args.max_tokens, eos_id=tokenizer.eos_id, **sampler)  # bad options fail before the first turn
+    live = sys.stdout.isatty() if args.live is None else args.live
+    generator = torch.Generator().manual_seed(args.seed)
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(opening)
+    print(f"smdm chat: {'ARM' if model.causal else 'MDM'} {args.checkpoint} — {HELP}", file=sys.stderr)
+    while True:
+        if sys.stdin.isatty():
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            messages = list(opening)
+            print("(conversation forgotten)", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+
+        def show(partial: str) -> None:
+            # Restore the saved cursor and clear below it: the answer is redrawn in place, step by step.
+            sys.stdout.write("\x1b[u\x1b[J" + partial)
+            sys.stdout.flush()
+
+        if live:
+            sys.stdout.write("model> \x1b[s")
+        try:
+            answer = reply(model, tokenizer, messages, args.max_tokens, generator, show if live else None, **sampler)
+        except SmdmError as error:
+            messages.pop()
+            print(("\n" if live else "") + f"smdm: error: {error}", file=sys.stderr)
+            continue
+        print(("\x1b[u\x1b[J" if live else "model> ") + answer, flush=True)
+        messages.append({"role": "assistant", "content": answer})

@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from smdm.errors import SmdmError
+from smdm import chat
 from smdm.serve import cli as serve_cli
 
 
@@ -559,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smdm", description="Masked diffusion language models (and matched ARMs).")
     sub = parser.add_subparsers(dest="command", required=True)
     serve_cli.add_parser(sub)  # smdm serve (smdm/serve/cli.py)
+    chat.add_parser(sub)  # smdm chat (smdm/chat.py)
 
     p = sub.add_parser("demo", help="train a small MDM on the embedded corpus, then sample and score text")
     p.add_argument("--work-dir", default="runs/demo")
