@@ -35,7 +35,7 @@ class ServeConfig:
     name: str = "smdm"  # the model id clients pass as `model`
     api_key: str | None = None
     max_batch: int = 16
-    window_ms: float = 10.0
+    window_ms: float = 2.0
     max_queue: int = 64
     timeout_s: float = 300.0  # per request, queueing included
     max_body_bytes: int = 1 << 20
@@ -201,6 +201,7 @@ class ChoiceText:
     def __init__(self, tokenizer, stop: list[str], mask_id: int | None) -> None:
         self.tokenizer, self.stop, self.mask_id = tokenizer, stop, mask_id
         self.sent = ""
+        self.revealed = -1
         self.stopped = False
         self.holdback = max((len(s) for s in stop), default=1) - 1
 
@@ -214,6 +215,9 @@ class ChoiceText:
             return ""
         if self.mask_id is not None and self.mask_id in ids:
             ids = ids[: ids.index(self.mask_id)]
+        if len(ids) == self.revealed and not final:
+            return ""  # nothing new revealed at the front: no need to decode
+        self.revealed = len(ids)
         eos = self.tokenizer.eos_id
         ended = eos in ids
         if ended:

@@ -96,7 +96,7 @@ class StepView:
 @dataclass
 class BatcherConfig:
     max_batch: int = 16  # rows per sampler call; 1 = one request at a time
-    window_s: float = 0.01  # how long the oldest job waits for company
+    window_s: float = 0.002  # how long the oldest job waits for company (under load, company is already queued)
     max_queue: int = 64  # jobs waiting; past it new jobs are refused (429)
 
 
@@ -219,30 +219,27 @@ class Batcher:
             start = width - self._canvas_length(canvas) + len(canvas.prompt)
             return grid[row, start:start + canvas.max_tokens].tolist()
 
-        def finished(ids: list[int], row: Row) -> bool:
-            if eos in ids:
-                return mask_id is None or mask_id not in ids[: ids.index(eos)]
-            return len(ids) >= row.max_tokens and mask_id not in ids
+        watched = [(row_index, job) for row_index, (job, _) in enumerate(owners) if job.watch_steps]
+        limits = torch.tensor([r.max_tokens for r in rows])
 
         def on_step(step: int, grid: torch.Tensor) -> None:
-            latest["grid"], latest["passes"] = grid, step + 1  # one forward pass per step (ARM: the prompt pass first)
-            width = self._width(rows, grid)
-            live = [job for job in batch if not job.cancelled]
-            if not live:
+            latest["grid"], latest["passes"] = grid, step + 1  # one forward pass per step (ARM: the prompt's first)
+            if all(job.cancelled for job in batch):
                 raise _BatchOver
+            width = self._width(rows, grid)
             views: dict[int, list[list[int]]] = {}
-            all_done = True
-            for row_index, (job, _) in enumerate(owners):
-                ids = completion_ids(grid, row_index, width)
+            for row_index, job in watched:  # only streaming jobs pay for a per-step copy of their rows
+                views.setdefault(id(job), []).append(completion_ids(grid, row_index, width))
+            for job in batch:
                 if job.watch_steps and not job.cancelled:
-                    views.setdefault(id(job), []).append(ids)
-                if not job.cancelled and not finished(ids, rows[row_index]):
-                    all_done = False
-            for job in live:
-                if job.watch_steps:
                     job.emit("step", StepView(views[id(job)], step, step + 1))
-            if all_done and model.causal:
-                raise _BatchOver  # every row has its EOS or its max_tokens: the longer rows' budget is not needed
+            if model.causal:
+                # Every row has its EOS or its own max_tokens: the longer rows' budget is not needed.
+                generated = grid[:, width:]
+                ended = (generated == eos).any(1).cpu() | (generated.size(1) >= limits)
+                ended |= torch.tensor([job.cancelled for job, _ in owners])
+                if bool(ended.all()):
+                    raise _BatchOver
 
         common = dict(temperature=settings.temperature, top_p=settings.top_p, generator=generator, on_step=on_step)
         try:

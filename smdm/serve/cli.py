@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
                    help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (or set {API_KEY_ENV})")
     p.add_argument("--name", help="the model id clients pass as `model` (default: the checkpoint directory's name)")
     p.add_argument("--max-batch", type=int, default=16, help="rows per batched sampler call (1: no batching)")
-    p.add_argument("--batch-window-ms", type=float, default=10.0,
+    p.add_argument("--batch-window-ms", type=float, default=2.0,
                    help="how long the oldest waiting request waits for others to batch with")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests; past it new ones get 429")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included (504 after)")
@@ -61,4 +61,5 @@ def cmd_serve(args: argparse.Namespace) -> None:
     family = "ARM" if checkpoint.model.causal else "MDM"
     print(f"smdm serve: {family} `{config.name}` on http://{args.host}:{args.port}/ (playground at /, API at /v1)"
           f"{' with an API key' if api_key else ''}", file=sys.stderr, flush=True)
+    sys.setswitchinterval(0.0005)  # the sampler thread gets the GIL back quickly from the HTTP thread
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
