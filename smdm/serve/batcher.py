@@ -133,7 +133,7 @@ class Batcher:
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            if self._stopping or not self._thread.is_alive():
+            if self._stopping or (self._thread.ident is not None and not self._thread.is_alive()):
                 raise ShuttingDown("the server is shutting down")
             if len(self._queue) >= self.config.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are already waiting; retry shortly")
