@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "the cat sat on the mat and the dog sat on the log while a bird in the hand sang".split()
+WORDS = ["the", "cat", "sat", "on", "the", "mat", "and", "the", "dog", "sat", "on", "the", "log", "while", "a", "bird",
+         "in", "the", "hand", "sang"]
 
 
 def make_checkpoints(model: str, work: Path) -> dict[str, Path]:

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from smdm.errors import SmdmError
 from smdm import chat
+from smdm.errors import SmdmError
 from smdm.serve import cli as serve_cli
 
 

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
 
 
@@ -32,6 +31,28 @@ def train_tiny(toy_data: Path, out_dir: Path, objective: str, steps: int = 60) -
                       seq_len=32, batch_size=8, lr=3e-3, max_steps=steps, eval_every=1000, save_every=1000,
                       log_every=1000, eval_blocks=2, progress=False, threads=1))
     return out_dir
+
+
+def untrained_checkpoints(toy_data: Path, root: Path) -> dict[str, Path]:
+    """An untrained MDM and ARM (tiny-test) with the toy tokenizer: fast to make, real to load."""
+    import torch
+
+    from smdm.checkpoint import save_checkpoint
+    from smdm.config import ModelConfig
+    from smdm.model import Transformer
+    from smdm.tokenizer import Tokenizer
+
+    tokenizer_file = toy_data.parent / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(tokenizer_file)
+    config = ModelConfig.from_name("tiny-test", vocab_size=tokenizer.vocab_size)
+    meta = {"tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+                          "eos_id": tokenizer.eos_id}}
+    paths = {}
+    for objective in ("mdm", "arm"):
+        torch.manual_seed(0)
+        paths[objective] = save_checkpoint(root / objective, Transformer(config, causal=objective == "arm"), config,
+                                           {**meta, "objective": objective}, tokenizer_file=tokenizer_file)
+    return paths
 
 
 def free_port() -> int:
@@ -63,7 +84,7 @@ def post_json(url: str, body: bytes | dict, headers: dict | None = None) -> tupl
 def running_server(checkpoint: Path, *args: str, env: dict | None = None):
     """`python -m smdm serve` on a free loopback port; yields its base URL; stops it (SIGTERM) afterwards."""
     port = free_port()
-    log = open(Path(checkpoint).parent / f"serve-{port}.log", "w+")
+    log = open(Path(checkpoint).parent / f"serve-{port}.log", "w+")  # noqa: SIM115 (closed in the finally below)
     process = subprocess.Popen(
         [sys.executable, "-m", "smdm", "serve", "--checkpoint", str(checkpoint), "--port", str(port), "--name", "toy",
          "--threads", "1", *args],

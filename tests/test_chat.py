@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
-from test_sample import checkpoints  # noqa: F401
+from serving import untrained_checkpoints
 
 from smdm.chat import MASK_GLYPH, prompt_from_messages, reply
 from smdm.checkpoint import load_for_inference
@@ -16,6 +16,10 @@ from smdm.data.sft import chat_prompt
 from smdm.errors import SmdmError
 from smdm.sample import generate
 
+
+@pytest.fixture(scope="module")
+def checkpoints(toy_data, tmp_path_factory):
+    return untrained_checkpoints(toy_data, tmp_path_factory.mktemp("untrained"))
 
 def expected_answer(checkpoint, messages, max_tokens) -> str:
     loaded, tokenizer = load_for_inference(checkpoint, None, "cpu")

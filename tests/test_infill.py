@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
-from test_sample import VOCAB, ConfidenceByPosition, TablePredictor, checkpoints, revealed_per_step, tiny  # noqa: F401
+from serving import untrained_checkpoints
+from test_sample import VOCAB, ConfidenceByPosition, TablePredictor, revealed_per_step, tiny
 
 from smdm import infill as markers
 from smdm.errors import SmdmError
@@ -16,6 +17,10 @@ from smdm.likelihood import chain_rule_score, mc_score, score
 from smdm.model import Transformer
 from smdm.sample import generate, infill
 
+
+@pytest.fixture(scope="module")
+def checkpoints(toy_data, tmp_path_factory):
+    return untrained_checkpoints(toy_data, tmp_path_factory.mktemp("untrained"))
 
 def random_mdm(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)

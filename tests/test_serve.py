@@ -4,19 +4,19 @@ changing them, streams carry the denoising, and bad requests get OpenAI-style 4x
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import urllib.request
 
 import pytest
-import torch
 from serving import get_json, need_serve_extra, post_json, running_server, train_tiny
 
 from smdm.checkpoint import load_for_inference
 from smdm.sample import generate
 
 need_serve_extra()
-import openai  # noqa: E402
+import openai
 
 KEY = "sk-test-123"
 
@@ -155,7 +155,7 @@ def test_mdm_stream_shows_every_denoising_step(mdm_server):
     assert [f["step"] for f in frames] == [1, 2, 3, 4] and [f["forward_passes"] for f in frames] == [1, 2, 3, 4]
     hidden = [sum(t is None for t in f["tokens"]) for f in frames]
     assert hidden == [6, 4, 2, 0]  # two tokens revealed per step (8 tokens in 4 steps)
-    for earlier, later in zip(frames, frames[1:]):  # a revealed token is final
+    for earlier, later in itertools.pairwise(frames):  # a revealed token is final
         assert all(a is None or a == b for a, b in zip(earlier["tokens"], later["tokens"]))
     streamed = "".join(e["choices"][0]["text"] for e in events)
     plain = client(mdm_server).completions.create(model="toy", prompt="the cat", max_tokens=8, temperature=0,
@@ -188,6 +188,10 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(mdm_server, arm_s
     assert status == 400 and body["error"]["code"] == "invalid_json" and body["error"]["message"]
     status, body = post_json(mdm_server + "/v1/completions", {"model": "toy", "prompt": "x"})
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    status, body = post_json(mdm_server + "/v1/completions", {"model": "toy", "prompt": "x" * (1 << 20)}, auth)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    status, body = post_json(mdm_server + "/v1/nothing", {}, auth)
+    assert status == 404 and body["error"]["message"]
     assert get_json(mdm_server + "/health")[0] == 200  # the one endpoint without a key
     with pytest.raises(openai.AuthenticationError):
         client(mdm_server, key="wrong").models.list()

@@ -190,7 +190,7 @@ class Batcher:
                 continue
             try:
                 results, passes = self._generate(batch)
-            except Exception as error:  # a failure must still answer every job of the batch
+            except Exception as error:  # noqa: BLE001 (a failure must still answer every job of the batch)
                 for job in batch:
                     job.emit("error", error)
                 continue
@@ -241,7 +241,8 @@ class Batcher:
                 if bool(ended.all()):
                     raise _BatchOver
 
-        common = dict(temperature=settings.temperature, top_p=settings.top_p, generator=generator, on_step=on_step)
+        common = {"temperature": settings.temperature, "top_p": settings.top_p, "generator": generator,
+                  "on_step": on_step}
         try:
             if model.causal:
                 result = generate(model, [r.prompt for r in rows], max(r.max_tokens for r in rows),
