@@ -249,6 +249,8 @@ def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(trained):
 
 def test_lm_eval_local_completions_runs_a_generation_task(trained, arm_server, tmp_path):
     pytest.importorskip("lm_eval")
+    # Registered explicitly: once smdm.harness has registered `smdm`, lm-eval no longer loads its own models lazily.
+    import lm_eval.models.openai_completions  # noqa: F401
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -270,3 +272,11 @@ def test_lm_eval_local_completions_runs_a_generation_task(trained, arm_server, t
         answer = client(arm_server).completions.create(model="toy", prompt=sample["doc"]["prompt"], max_tokens=32,
                                                        temperature=0, stop=["\n"])
         assert sample["resps"][0][0] == answer.choices[0].text
+
+
+def test_a_request_past_its_timeout_gets_504_and_the_server_goes_on(trained):
+    with running_server(trained["mdm"], "--timeout", "0.01") as base:
+        status, body = post_json(base + "/v1/completions", {"model": "toy", "prompt": "the", "max_tokens": 120,
+                                                            "temperature": 0, "cfg_scale": 1.0})
+        assert status == 504 and body["error"]["code"] == "timeout"
+        assert get_json(base + "/health")[0] == 200
