@@ -124,6 +124,28 @@ def reply(model, tokenizer, messages: list[dict], max_tokens: int, generator, on
     return text.split(CHAT_USER.strip())[0].strip()
 
 
+class LiveView:
+    """Redraws "model> <answer so far>" in place: back to the start of the rows drawn last time, clear, write.
+
+    Counting rows (not saving the cursor) keeps working when the answer wraps or the terminal scrolls.
+    """
+
+    PREFIX = "model> "
+
+    def __init__(self, stream) -> None:
+        import shutil
+
+        self.stream, self.rows_drawn = stream, 0
+        self.columns = max(shutil.get_terminal_size().columns, 10)
+
+    def draw(self, text: str) -> None:
+        line = self.PREFIX + text
+        back = f"\x1b[{self.rows_drawn - 1}F" if self.rows_drawn > 1 else "\r"
+        self.stream.write(back + "\x1b[J" + line)
+        self.stream.flush()
+        self.rows_drawn = sum(max(1, -(-len(part) // self.columns)) for part in line.split("\n"))
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     import sys
 
@@ -158,18 +180,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         messages.append({"role": "user", "content": text})
 
-        def show(partial: str) -> None:
-            # Restore the saved cursor and clear below it: the answer is redrawn in place, step by step.
-            sys.stdout.write("\x1b[u\x1b[J" + partial)
-            sys.stdout.flush()
-
-        if live:
-            sys.stdout.write("model> \x1b[s")
+        view = LiveView(sys.stdout) if live else None
         try:
-            answer = reply(model, tokenizer, messages, args.max_tokens, generator, show if live else None, **sampler)
+            answer = reply(model, tokenizer, messages, args.max_tokens, generator, view.draw if view else None,
+                           **sampler)
         except SmdmError as error:
             messages.pop()
             print(("\n" if live else "") + f"smdm: error: {error}", file=sys.stderr)
             continue
-        print(("\x1b[u\x1b[J" if live else "model> ") + answer, flush=True)
+        if view is not None:
+            view.draw(answer)
+            print(flush=True)
+        else:
+            print("model> " + answer, flush=True)
         messages.append({"role": "assistant", "content": answer})

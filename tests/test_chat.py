@@ -58,8 +58,9 @@ def test_live_view_redraws_in_place_with_masks(capsys, monkeypatch, checkpoints)
     code, out, err = run_cli(capsys, "chat", "--checkpoint", str(checkpoints["mdm"]), "--max-tokens", "8",
                              "--steps", "4", "--live")
     assert code == 0, err
-    frames = out.split("\x1b[u\x1b[J")
-    assert len(frames) == 1 + 4 + 1  # the prompt, one redraw per step, the final answer
+    frames = out.split("\x1b[J")
+    assert len(frames) == 1 + 4 + 1  # before the first draw, one redraw per step, the final answer
+    assert all(frame.startswith("model> ") for frame in frames[1:])
     assert [frame.count(MASK_GLYPH) for frame in frames[1:5]] == [6, 4, 2, 0]
 
 
@@ -79,3 +80,15 @@ def test_bad_chat_options_are_one_line(capsys, monkeypatch, checkpoints):
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     code, _, err = run_cli(capsys, "chat", "--checkpoint", str(checkpoints["arm"]), "--cfg-scale", "1")
     assert_one_line_error(code, err, "needs an MDM")
+
+
+def test_the_live_view_goes_back_over_every_row_it_drew():
+    from smdm.chat import LiveView
+
+    out = io.StringIO()
+    view = LiveView(out)
+    view.columns = 10
+    view.draw("a" * 15)  # "model> " + 15 characters = 22 columns: three rows
+    view.draw("b\nc")
+    view.draw("d")
+    assert out.getvalue().split("\x1b[J")[:3] == ["\r", "model> aaaaaaaaaaaaaaa\x1b[2F", "model> b\nc\x1b[1F"]
