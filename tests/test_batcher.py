@@ -50,8 +50,8 @@ def run(batcher: Batcher, jobs: list[Job]) -> None:
     batcher.stop()
 
 
-def job(rows: list[Row], settings: Settings | None = None, watch: bool = False) -> Job:
-    return Job(rows, settings or Settings(), Collector(), watch_steps=watch)
+def job(rows: list[Row], settings: Settings | None = None, watch: bool = False, every: bool = True) -> Job:
+    return Job(rows, settings or Settings(), Collector(), watch_steps=watch, every_step=every)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -133,10 +133,26 @@ def test_a_client_leaving_mid_batch_does_not_disturb_the_others():
     net = model(False)
     batcher = Batcher(net, EOS, BatcherConfig(max_batch=16, window_s=0))
     client = LeavesAfterFirstStep(batcher)
-    leaving = client.job = Job([Row([3, 4], 8)], Settings(), client, watch_steps=True)
+    leaving = client.job = Job([Row([3, 4], 8)], Settings(), client, watch_steps=True, every_step=True)
     staying = job([Row([5, 6, 7], 8)], watch=True)
     run(batcher, [leaving, staying])
     alone = infill(net, [[5, 6, 7] + [net.mask_id] * 8], eos_id=EOS).fills[0]
     assert staying.emit.result()[0].ids == (alone[: alone.index(EOS)] if EOS in alone else alone)
     assert len([e for e in client.events if e[0] == "step"]) == 1  # nothing more is sent to a gone client
     assert batcher.batches_run == 1 and batcher.batches_abandoned == 0
+
+
+def test_text_streams_hear_only_of_steps_that_extend_the_revealed_prefix():
+    net = model(False)
+    text_only = job([Row([3, 4], 8, steps=8)], watch=True, every=False)
+    frames = job([Row([3, 4], 8, steps=8)], watch=True, every=True)
+    run(Batcher(net, EOS, BatcherConfig(window_s=0)), [text_only, frames])
+    everything = [e[1] for e in frames.emit.events if e[0] == "step"]
+    heard = [e[1] for e in text_only.emit.events if e[0] == "step"]
+
+    def front(view):
+        ids = view.rows[0]
+        return ids.index(net.mask_id) if net.mask_id in ids else len(ids)
+
+    expected = [v.step for prev, v in zip([None, *everything], everything) if front(v) > (front(prev) if prev else 0)]
+    assert [v.step for v in heard] == expected and len(everything) == 8

@@ -331,7 +331,7 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
             except RuntimeError:
                 pass  # the event loop is gone (shutdown)
 
-        job = Job(parsed.rows, parsed.settings, emit, watch_steps=parsed.stream)
+        job = Job(parsed.rows, parsed.settings, emit, watch_steps=parsed.stream, every_step=parsed.show_steps)
         try:
             batcher.submit(job)
         except QueueFull as error:

@@ -75,7 +75,8 @@ class Job:
     rows: list[Row]
     settings: Settings
     emit: Callable[..., None]
-    watch_steps: bool = False  # streaming: deliver every step's token grid for these rows
+    watch_steps: bool = False  # streaming: deliver the steps' token grids for these rows
+    every_step: bool = False  # every step (denoising frames); else only steps that extend a row's revealed prefix
     cancelled: bool = False
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -220,6 +221,7 @@ class Batcher:
             return grid[row, start:start + canvas.max_tokens].tolist()
 
         watched = [(row_index, job) for row_index, (job, _) in enumerate(owners) if job.watch_steps]
+        revealed = [0] * len(rows)  # each row's revealed prefix: text streams only when it grows
         limits = torch.tensor([r.max_tokens for r in rows])
 
         def on_step(step: int, grid: torch.Tensor) -> None:
@@ -228,10 +230,16 @@ class Batcher:
                 raise _BatchOver
             width = self._width(rows, grid)
             views: dict[int, list[list[int]]] = {}
+            grown: set[int] = set()
             for row_index, job in watched:  # only streaming jobs pay for a per-step copy of their rows
-                views.setdefault(id(job), []).append(completion_ids(grid, row_index, width))
+                ids = completion_ids(grid, row_index, width)
+                views.setdefault(id(job), []).append(ids)
+                front = ids.index(mask_id) if mask_id is not None and mask_id in ids else len(ids)
+                if front > revealed[row_index]:
+                    revealed[row_index] = front
+                    grown.add(id(job))
             for job in batch:
-                if job.watch_steps and not job.cancelled:
+                if job.watch_steps and not job.cancelled and (job.every_step or id(job) in grown):
                     job.emit("step", StepView(views[id(job)], step, step + 1))
             if model.causal:
                 # Every row has its EOS or its own max_tokens: the longer rows' budget is not needed.
