@@ -36,7 +36,7 @@ def mdm_server(trained):
 
 @pytest.fixture(scope="module")
 def arm_server(trained):
-    with running_server(trained["arm"]) as base:
+    with running_server(trained["arm"], "--batch-window-ms", "50") as base:  # room for concurrent tests to meet
         yield base
 
 
@@ -86,11 +86,13 @@ def test_several_prompts_and_n(mdm_server):
 def test_concurrent_requests_are_batched_and_answered_as_alone(trained, arm_server):
     prompts = [("the cat", 5), ("all that glitters is not", 9), ("to be", 3), ("a bird in the hand is", 7)] * 3
     answers: dict[int, str] = {}
+    start = threading.Barrier(len(prompts))
 
     def ask(index: int, prompt: str, max_tokens: int) -> None:
-        out = client(arm_server).completions.create(model="toy", prompt=prompt, max_tokens=max_tokens,
-                                                    temperature=0)
-        answers[index] = out.choices[0].text
+        c = client(arm_server)
+        start.wait()  # all at once, so the batcher finds them waiting together
+        answers[index] = c.completions.create(model="toy", prompt=prompt, max_tokens=max_tokens,
+                                              temperature=0).choices[0].text
 
     before = get_json(arm_server + "/health")[1]
     threads = [threading.Thread(target=ask, args=(i, p, m)) for i, (p, m) in enumerate(prompts)]
@@ -240,8 +242,10 @@ def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(trained):
             threading.Event().wait(0.05)
         assert health["abandoned"] == 1
         results: list[int] = []
+        start = threading.Barrier(24)
 
         def ask() -> None:
+            start.wait()
             status, answer = post_json(base + "/v1/completions", {"model": "toy", "prompt": "the", "max_tokens": 120,
                                                                   "temperature": 0, "cfg_scale": 1.0})
             assert ("choices" in answer) if status == 200 else answer["error"]["code"] == "queue_full"
