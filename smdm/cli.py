@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 
+from smdm import chat
 from smdm.cli_types import (
     add_common_args,
     add_length_and_sampler_args,
@@ -26,6 +27,7 @@ from smdm.cli_types import (
 from smdm.config import ROPE_CACHE_DTYPES
 from smdm.errors import SmdmError
 from smdm.interop.cli import add_parser as add_export_parser
+from smdm.serve import cli as serve_cli
 from smdm.sweep_cli import add_scale_parser
 from smdm.tasks.cli import add_eval_parser, add_task_parsers
 
@@ -185,6 +187,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from smdm.checkpoint import load_for_inference
     from smdm.sample import SamplerSettings, generate_texts, read_prompts_file
 
+    if args.infill is not None:
+        return _sample_infill(args)
     prompts = list(args.prompt or []) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype)
 
@@ -206,13 +210,32 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"{len(records)} samples -> {write_jsonl(args.out, records)}", file=sys.stderr)
 
 
+def _sample_infill(args: argparse.Namespace) -> None:
+    """`smdm sample --infill TEXT`: fill the <|mask:N|> spans of TEXT (MDM only); one JSON line."""
+    import torch
+
+    from smdm.checkpoint import load_for_inference
+    from smdm.infill import fill_text
+    from smdm.sample import SamplerSettings
+
+    if args.prompt or args.prompts_file:
+        raise SmdmError("--infill takes the whole text (given parts and <|mask:N|> spans); drop --prompt")
+    checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype)
+    settings = SamplerSettings.from_namespace(args)
+    record = fill_text(checkpoint.model, tokenizer, args.infill, bos=args.bos,
+                       generator=torch.Generator().manual_seed(args.seed), steps=settings.steps,
+                       temperature=settings.temperature, **settings.options())
+    print(json.dumps(record, ensure_ascii=False), flush=True)
+
+
 def cmd_likelihood(args: argparse.Namespace) -> None:
     from smdm.checkpoint import load_for_inference
     from smdm.likelihood import score_text
 
     checkpoint, tokenizer = load_for_inference(args.checkpoint, args.tokenizer, args.device, args.dtype)
     print(json.dumps(score_text(checkpoint.model, tokenizer, args.text, args.prefix, method=args.method,
-                                cfg_scale=args.cfg_scale, mc_samples=args.mc_samples, seed=args.seed)))
+                                cfg_scale=args.cfg_scale, mc_samples=args.mc_samples, seed=args.seed,
+                                suffix=args.suffix)))
 
 
 def cmd_perplexity(args: argparse.Namespace) -> None:
@@ -292,6 +315,8 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer")
     p.add_argument("--bos", action="store_true", help="prepend BOS to prompts")
     p.add_argument("--show-steps", action="store_true", help="print the sequence after every step (stderr)")
+    p.add_argument("--infill", metavar="TEXT",
+                   help="MDM: fill the spans marked <|mask:N|> (N hidden tokens) in TEXT, given text on both sides")
     add_common_args(p)
     p.set_defaults(func=cmd_sample)
 
@@ -299,6 +324,7 @@ def _inference_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--text", required=True, help="the text to score (the target when --prefix is given)")
     p.add_argument("--prefix", help="score --text as a continuation of this prefix: -log p(text | prefix)")
+    p.add_argument("--suffix", help="MDM: also condition on this text after --text (a span between two sides)")
     p.add_argument("--method", choices=["mc", "chain"], default="mc",
                    help="MDM with --prefix: Monte-Carlo bound or exact left-to-right chain rule")
     p.add_argument("--cfg-scale", type=finite_float(), help="MDM with --prefix: unsupervised CFG weight")
@@ -369,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     add_export_parser(sub)
+    serve_cli.add_parser(sub)  # smdm serve (smdm/serve/cli.py)
+    chat.add_parser(sub)  # smdm chat (smdm/chat.py)
 
     p = sub.add_parser("configs", help="list the named model configs")
     p.set_defaults(func=cmd_configs)

@@ -15,6 +15,7 @@ from smdm.checkpoint import load_checkpoint
 from smdm.data.packed import PackedDataset, corpus_unigram_entropy
 from smdm.data.prepare import PrepareConfig, prepare_corpus, read_documents
 from smdm.errors import SmdmError
+from smdm.infill import fill_text
 from smdm.likelihood import sequence_nll
 from smdm.sample import generate
 from smdm.tokenizer import Tokenizer, train_bpe
@@ -40,6 +41,7 @@ class DemoConfig:
     threads: int | None = None
     sample_length: int = 48
     prompts: tuple[str, ...] = ("The city of", "In mathematics,", "")
+    infill: str = "The city of <|mask:12|> is the capital of the country."  # see smdm.infill for the markers
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -93,12 +95,16 @@ def run_demo(config: DemoConfig) -> dict:
         samples.append({"prompt": prompt, "completion": text})
         print(f"  {prompt!r} -> {text!r}")
 
+    # Infilling, which only an MDM can do: the span is predicted from the text on both of its sides.
+    filled = fill_text(checkpoint.model, tokenizer, config.infill, generator=generator)
+    print(f"  infill {config.infill!r} -> {filled['text']!r}")
+
     held_out = PackedDataset(data_dir, "val", seq_len=config.seq_len, shuffle=False).blocks(1)[0, :64]
     nll, stderr = sequence_nll(checkpoint.model, held_out, mc_samples=128)
     print(f"  held-out text: {tokenizer.decode(held_out.tolist())[:160]!r}...")
     print(f"  NLL <= {nll:.1f} ± {stderr:.1f} nats for {held_out.numel()} tokens "
           f"({nll / held_out.numel():.3f} nats/token; unigram entropy {unigram:.3f})")
-    result = {"val_loss": val_loss, "unigram_entropy": unigram, "samples": samples,
+    result = {"val_loss": val_loss, "unigram_entropy": unigram, "samples": samples, "infill": filled,
               "held_out_nll": nll, "held_out_stderr": stderr, "held_out_tokens": held_out.numel()}
     (work / "demo_result.json").write_text(json.dumps(result, indent=2))
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -49,26 +50,30 @@ class ScoreResult(NamedTuple):
     forward_passes: int
 
 
-def _check_pair(model: Transformer, prefix: list[int], target: list[int]) -> None:
+def _check_pair(model: Transformer, prefix: list[int], target: list[int], suffix: Sequence[int] = ()) -> None:
     if not target:
         raise SmdmError("the target to score is empty")
     if not prefix and getattr(model.config, "shifted", False):
         raise SmdmError("a shifted MDM (Dream-style) predicts token i from position i-1: give a non-empty prefix")
-    if len(prefix) + len(target) > model.config.block_size:
-        raise SmdmError(f"prefix ({len(prefix)}) + target ({len(target)}) tokens exceed the block size "
-                        f"{model.config.block_size}")
+    if len(prefix) + len(target) + len(suffix) > model.config.block_size:
+        raise SmdmError(f"prefix ({len(prefix)}) + target ({len(target)}) + suffix ({len(suffix)}) tokens exceed "
+                        f"the block size {model.config.block_size}")
 
 
-def guided_logits(model: Transformer, x: torch.Tensor, prefix_len: int, cfg_scale: float | None) -> torch.Tensor:
+def guided_logits(model: Transformer, x: torch.Tensor, prefix_len: int, cfg_scale: float | None,
+                  suffix_len: int = 0) -> torch.Tensor:
     """Logits with unsupervised classifier-free guidance: cond + w·(cond − uncond) = uncond + (w+1)(cond − uncond).
 
     The unconditional pass is the same input with the prefix replaced by [MASK] (Nie et al. 2025): no separately
-    trained unconditional model. Both passes run in one batch.
+    trained unconditional model. Both passes run in one batch. When a span is scored between given text, the
+    given text after it (`suffix_len` tokens) is masked too.
     """
     if not cfg_scale:
         return model(x)
     uncond = x.clone()
     uncond[:, :prefix_len] = model.mask_id
+    if suffix_len:
+        uncond[:, x.size(1) - suffix_len:] = model.mask_id
     cond_logits, uncond_logits = model(torch.cat([x, uncond])).float().chunk(2)
     return cond_logits + cfg_scale * (cond_logits - uncond_logits)
 
@@ -95,8 +100,9 @@ def _draw_masks(n: int, length: int, estimator: str, generator: torch.Generator,
 @torch.no_grad()
 def mc_score(model: Transformer, prefix: list[int], target: list[int], mc_samples: int = 128, batch_size: int = 32,
              estimator: str = "count", low_discrepancy: bool = True, cfg_scale: float | None = None,
-             seed: int = 0) -> ScoreResult:
-    """Monte-Carlo bound on -log p(target | prefix) for an MDM: only target tokens are masked, the prefix is given.
+             seed: int = 0, suffix: Sequence[int] = ()) -> ScoreResult:
+    """Monte-Carlo bound on -log p(target | prefix, suffix) for an MDM: only target tokens are masked, the text on
+    both sides is given (an MDM conditions on either side alike, which is what makes infilling scorable).
 
     Each draw masks part of the target and sums the weighted cross-entropy of the masked tokens; the mean over draws
     is the bound, reported with its standard error. mc_samples need not divide by batch_size.
@@ -108,15 +114,18 @@ def mc_score(model: Transformer, prefix: list[int], target: list[int], mc_sample
 
         if cfg_scale:
             raise SmdmError("classifier-free guidance in scoring is an MDM option, not one of block diffusion")
+        if suffix:
+            raise SmdmError("block diffusion conditions on the blocks before a span, not on text after it; "
+                            "scoring with a suffix needs an MDM")
         return block_score(model, prefix, target, model.diffusion_block_size, mc_samples, batch_size, seed)
     if estimator not in ESTIMATORS:
         raise SmdmError(f"unknown estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
     if mc_samples < 2 or batch_size < 1:
         raise SmdmError("mc_samples must be at least 2 and batch_size at least 1")
-    _check_pair(model, prefix, target)
+    _check_pair(model, prefix, target, suffix)
     device = model.lm_head.weight.device
-    tokens = torch.tensor(prefix + target, device=device)
-    start = len(prefix)
+    tokens = torch.tensor(prefix + target + list(suffix), device=device)
+    start, stop = len(prefix), len(prefix) + len(target)
     generator = torch.Generator().manual_seed(seed)
     draws: list[torch.Tensor] = []
     passes = 0
@@ -125,8 +134,9 @@ def mc_score(model: Transformer, prefix: list[int], target: list[int], mc_sample
         masked, weight = _draw_masks(n, len(target), estimator, generator, low_discrepancy)
         masked = masked.to(device)
         x = tokens[None].repeat(n, 1)
-        x[:, start:] = torch.where(masked, torch.full_like(masked, model.mask_id, dtype=torch.long), x[:, start:])
-        logits = guided_logits(model, x, start, cfg_scale)[:, start:]
+        x[:, start:stop] = torch.where(masked, torch.full_like(masked, model.mask_id, dtype=torch.long),
+                                       x[:, start:stop])
+        logits = guided_logits(model, x, start, cfg_scale, len(suffix))[:, start:stop]
         passes += 2 if cfg_scale else 1
         ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x.new_tensor(target).repeat(n),
                                                reduction="none").view(n, -1).double()
@@ -137,10 +147,11 @@ def mc_score(model: Transformer, prefix: list[int], target: list[int], mc_sample
 
 @torch.no_grad()
 def chain_rule_score(model: Transformer, prefix: list[int], target: list[int], batch_size: int = 32,
-                     cfg_scale: float | None = None) -> ScoreResult:
-    """Exact -log p(target | prefix) of an MDM for the left-to-right reveal order: one forward pass per token, batched.
+                     cfg_scale: float | None = None, suffix: Sequence[int] = ()) -> ScoreResult:
+    """Exact -log p(target | prefix, suffix) of an MDM for the left-to-right reveal order: one forward pass per
+    token, batched.
 
-    Row k sees the prefix and target[:k] with the rest masked, and scores target[k].
+    Row k sees the prefix, target[:k] and the suffix with the rest of the target masked, and scores target[k].
     """
     if model.causal:
         raise SmdmError("chain-rule scoring of an MDM needs an MDM; score an ARM with arm_score")
@@ -149,18 +160,22 @@ def chain_rule_score(model: Transformer, prefix: list[int], target: list[int], b
 
         if cfg_scale:
             raise SmdmError("classifier-free guidance in scoring is an MDM option, not one of block diffusion")
+        if suffix:
+            raise SmdmError("block diffusion conditions on the blocks before a span, not on text after it; "
+                            "scoring with a suffix needs an MDM")
         return block_chain_score(model, prefix, target, model.diffusion_block_size, batch_size)
-    _check_pair(model, prefix, target)
+    _check_pair(model, prefix, target, suffix)
     device = model.lm_head.weight.device
     start, length = len(prefix), len(target)
-    full = torch.tensor(prefix + target, device=device)
+    full = torch.tensor(prefix + target + list(suffix), device=device)
     total, passes = 0.0, 0
     for first in range(0, length, batch_size):
         ks = torch.arange(first, min(length, first + batch_size), device=device)
         x = full[None].repeat(len(ks), 1)
         columns = torch.arange(length, device=device)[None]
-        x[:, start:] = torch.where(columns >= ks[:, None], torch.full_like(x[:, start:], model.mask_id), x[:, start:])
-        logits = guided_logits(model, x, start, cfg_scale)
+        span = slice(start, start + length)
+        x[:, span] = torch.where(columns >= ks[:, None], torch.full_like(x[:, span], model.mask_id), x[:, span])
+        logits = guided_logits(model, x, start, cfg_scale, len(suffix))
         passes += 2 if cfg_scale else 1
         rows = torch.arange(len(ks), device=device)
         log_probs = logits[rows, start + ks].float().log_softmax(-1)
@@ -187,13 +202,16 @@ def score(model: Transformer, prefix: list[int], target: list[int], method: str 
     """One entry for every family: an ARM is scored exactly; an MDM or a block-diffusion model by Monte Carlo ("mc")
     or chain rule ("chain")."""
     if model.causal:
+        if options.get("suffix"):
+            raise SmdmError("scoring a span given the text after it needs an MDM; an ARM only conditions on the "
+                            "text before")
         if options.get("cfg_scale"):
             raise SmdmError("classifier-free guidance needs an MDM, not an ARM")
         return arm_score(model, prefix, target)
     if method == "mc":
         return mc_score(model, prefix, target, **options)
     if method == "chain":
-        allowed = {k: v for k, v in options.items() if k in ("batch_size", "cfg_scale")}
+        allowed = {k: v for k, v in options.items() if k in ("batch_size", "cfg_scale", "suffix")}
         return chain_rule_score(model, prefix, target, **allowed)
     raise SmdmError(f"unknown likelihood method {method!r}; use mc or chain")
 
@@ -231,18 +249,24 @@ def is_greedy_continuation(model: Transformer, prefix: list[int], target: list[i
 
 
 def score_text(model: Transformer, tokenizer: Tokenizer, text: str, prefix: str | None = None, method: str = "mc",
-               cfg_scale: float | None = None, mc_samples: int = 128, seed: int = 0) -> dict[str, float | int]:
-    """`smdm likelihood`: the NLL of `text` (alone, or as a continuation of `prefix`) as a JSON-ready record."""
+               cfg_scale: float | None = None, mc_samples: int = 128, seed: int = 0,
+               suffix: str | None = None) -> dict[str, float | int]:
+    """`smdm likelihood`: the NLL of `text` (alone, after `prefix`, and/or before `suffix`: a span between two
+    given sides, MDM only) as a JSON-ready record."""
     ids = tokenizer.encode(text)
     if not ids:
         raise SmdmError("the text is empty")
-    if prefix is None:
+    if prefix is None and suffix is None:
         nll, stderr = sequence_nll(model, torch.tensor(ids), mc_samples=mc_samples, seed=seed)
         return {"tokens": len(ids), "nll_nats": nll, "stderr": stderr, "nats_per_token": nll / len(ids)}
-    prefix_ids = tokenizer.encode(prefix)
+    prefix_ids = tokenizer.encode(prefix or "")
     options: dict[str, object] = {"cfg_scale": cfg_scale} if cfg_scale else {}
+    suffix_ids = tokenizer.encode(suffix) if suffix else []
+    if suffix_ids:
+        options["suffix"] = suffix_ids
     if method == "mc" and not model.causal:
         options.update(mc_samples=mc_samples, seed=seed)
     result = score(model, prefix_ids, ids, method=method, **options)
-    return {"prefix_tokens": len(prefix_ids), "tokens": len(ids), "nll_nats": result.nll, "stderr": result.stderr,
-            "nats_per_token": result.nll / len(ids), "forward_passes": result.forward_passes}
+    return {"prefix_tokens": len(prefix_ids), "suffix_tokens": len(suffix_ids), "tokens": len(ids),
+            "nll_nats": result.nll, "stderr": result.stderr, "nats_per_token": result.nll / len(ids),
+            "forward_passes": result.forward_passes}

@@ -22,7 +22,6 @@ positions, so a row of a batch yields the tokens it yields alone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +33,16 @@ import torch
 
 from smdm.errors import SmdmError
 from smdm.model import Transformer, WindowCache
+from smdm.sampler_settings import (  # noqa: F401 -- the settings type and its constants, re-exported
+    ARM_CACHES,
+    MDM_CACHES,
+    REMASKINGS,
+    SCHEDULE_EPS,
+    SCHEDULES,
+    SMDM_SCHEDULE_EPS,
+    SamplerSettings,
+    add_sampler_args,
+)
 
 if TYPE_CHECKING:
     from smdm.tokenizer import Tokenizer
@@ -41,11 +50,6 @@ if TYPE_CHECKING:
 Remasking = Literal["low_confidence", "random"]
 StepCallback = Callable[[int, torch.Tensor], None]
 PromptIds = torch.Tensor | Sequence[int] | Sequence[Sequence[int] | torch.Tensor]
-MDM_CACHES = ("none", "prefix", "dual")
-ARM_CACHES = ("kv", "none")
-REMASKINGS = ("low_confidence", "random")
-SCHEDULES = ("even", "smdm")  # how many tokens each low-confidence step reveals: LLaDA's, or SMDM's diff_sample
-SMDM_SCHEDULE_EPS = 1e-5  # SMDM's timesteps run linspace(1, eps, steps + 1)
 
 
 @dataclass
@@ -83,85 +87,6 @@ class Plan:
     @property
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    """How to decode, for every family: one type shared by `smdm sample`, the tasks, the lm-eval model and the
-    server. `plan()` validates it against a model and a length, once, before any model call.
-
-    steps (MDM, default: the length), block_length (default: one block), remasking, schedule ("even": LLaDA's
-    split; "smdm": SMDM's diff_sample, floor(n·(1 - s/t)) per step and the rest at the last), temperature, top_p,
-    cfg_scale (MDM; None: no guidance), threshold (MDM parallel decoding) and cache (MDM: none|prefix|dual; ARM:
-    kv|none) are described in the module docstring.
-    """
-
-    steps: int | None = None
-    block_length: int | None = None
-    remasking: str = "low_confidence"
-    schedule: str = "even"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    cfg_scale: float | None = None
-    threshold: float | None = None
-    cache: str | None = None
-    stop_at_eos: bool = False
-
-    @classmethod
-    def from_namespace(cls, args: object, **overrides: object) -> SamplerSettings:
-        """The settings parsed by `add_sampler_args` (attributes of an argparse namespace), then `overrides`."""
-        values = {name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)}
-        values.update(overrides)
-        return cls(**values)
-
-    def options(self) -> dict[str, object]:
-        """The keyword arguments of `generate` / `make_plan` (all but steps and temperature, passed positionally)."""
-        return {"remasking": self.remasking, "block_length": self.block_length, "cfg_scale": self.cfg_scale,
-                "threshold": self.threshold, "cache": self.cache, "top_p": self.top_p,
-                "stop_at_eos": self.stop_at_eos, "schedule": self.schedule}
-
-    def plan(self, model: Transformer, length: int, eos_id: int | None = None) -> Plan:
-        """Validate against a model (its family) and a length; raises SmdmError naming the bad option."""
-        return make_plan(model, length, self.steps, self.temperature, eos_id=eos_id, **self.options())
-
-    def mdm_only(self) -> dict[str, object]:
-        """The options set away from their defaults that only an MDM accepts (flag name -> value)."""
-        defaults = SamplerSettings()
-        names = ("steps", "block_length", "remasking", "schedule", "cfg_scale", "threshold")
-        return {"--" + n.replace("_", "-"): getattr(self, n) for n in names if getattr(self, n) != getattr(defaults, n)}
-
-
-def add_sampler_args(parser: argparse.ArgumentParser, defaults: SamplerSettings = SamplerSettings(),
-                     skip: Sequence[str] = ()) -> None:
-    """Add every sampler option to a parser, choices taken from the sampler's own constants."""
-    from smdm.cli_types import finite_float, positive_int, probability
-
-    options = {
-        "steps": {"type": positive_int, "help": "MDM denoising steps (default: the length)"},
-        "block_length": {"type": positive_int, "help": "MDM semi-autoregressive block length; steps are split "
-                                                     "evenly across blocks (default: the length, one block)"},
-        "remasking": {"choices": REMASKINGS, "help": "MDM: reveal the most confident predictions, or each masked "
-                                                   "token with probability 1 - s/t"},
-        "schedule": {"choices": SCHEDULES, "help": "MDM low-confidence tokens per step: even (LLaDA) or smdm "
-                                                 "(SMDM's diff_sample: floor(n(1 - s/t)), the rest at the last)"},
-        "temperature": {"type": finite_float(0), "help": "0: greedy"},
-        "top_p": {"type": probability, "help": "nucleus sampling mass (with temperature > 0)"},
-        "cfg_scale": {"type": finite_float(), "help": "MDM classifier-free guidance w: uncond + (w + 1)(cond - "
-                                                    "uncond), the prompt masked for uncond"},
-        "threshold": {"type": probability, "help": "MDM parallel decoding: also reveal every token whose "
-                                                 "confidence exceeds this"},
-        "cache": {"choices": sorted(set(MDM_CACHES + ARM_CACHES)),
-                      "help": "MDM: none (exact, default), prefix or dual (Fast-dLLM, approximate); "
-                           "ARM: kv (default) or none"},
-        "stop_at_eos": {"action": "store_true", "help": "stop once every sample has an EOS in its final tokens "
-                                                     "(completions are cut there anyway)"},
-    }
-    for name, spec in options.items():
-        if name in skip:
-            continue
-        if spec.get("action") != "store_true":
-            spec["default"] = getattr(defaults, name)
-        parser.add_argument("--" + name.replace("_", "-"), **spec)
 
 
 def prompt_room(model: Transformer, length: int) -> int:
@@ -268,13 +193,13 @@ def tokens_to_reveal(num_masked: torch.Tensor, steps_left: int) -> torch.Tensor:
     return (num_masked + steps_left - 1) // steps_left
 
 
-def smdm_tokens_to_reveal(num_masked: torch.Tensor, step: int, steps: int) -> torch.Tensor:
-    """SMDM's diff_sample ("greddy"): from t to s on timesteps linspace(1, 1e-5, steps + 1) (float32, as there),
-    int(n·(1 - s/t)) of the n masked tokens, and all that remain at the last step. Its first step reveals 0 tokens
-    when n <= steps; the last step catches up."""
+def smdm_tokens_to_reveal(num_masked: torch.Tensor, step: int, steps: int, eps: float = SMDM_SCHEDULE_EPS) -> torch.Tensor:
+    """SMDM's diff_sample ("greddy") and Dream's `_sample`: from t to s on timesteps linspace(1, eps, steps + 1)
+    (float32, as there), int(n·(1 - s/t)) of the n masked tokens, and all that remain at the last step. With SMDM's
+    eps its first step reveals 0 tokens when n <= steps; the last step catches up."""
     if step == steps - 1:
         return num_masked
-    times = torch.linspace(1, SMDM_SCHEDULE_EPS, steps + 1)
+    times = torch.linspace(1, eps, steps + 1)
     share = 1 - times[step + 1] / times[step]
     return (num_masked.cpu().float() * share).long().to(num_masked.device)
 
@@ -504,8 +429,8 @@ def _denoise_step(logits: torch.Tensor, block: torch.Tensor, mask_id: int, plan:
     chosen = candidates.float().gather(-1, predicted[:, None]).squeeze(-1)
     confidence = torch.full(block.shape, -float("inf"), device=block.device)
     confidence[masked] = (chosen - candidates.float().logsumexp(-1)).exp()  # softmax probability of the choice
-    if plan.schedule == "smdm":
-        count = smdm_tokens_to_reveal(masked.sum(-1), step, plan.steps_per_block)
+    if plan.schedule in SCHEDULE_EPS:
+        count = smdm_tokens_to_reveal(masked.sum(-1), step, plan.steps_per_block, SCHEDULE_EPS[plan.schedule])
     else:
         count = tokens_to_reveal(masked.sum(-1), plan.steps_per_block - step)
     reveal = reveal_low_confidence(confidence, masked, count, plan.threshold)
@@ -651,3 +576,158 @@ def generate_texts(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[s
                           settings=settings)
         for prompt, completion in zip(prompts[first:first + batch_size], result.completions):
             yield {"prompt": prompt, "completion": tokenizer.decode(completion), "tokens": len(completion)}
+
+
+# --- Infilling: [MASK] positions anywhere in the canvas --------------------------------------------------------------
+# An MDM predicts every masked position from both sides, so the masked positions need not follow the prompt: a prefix,
+# a suffix and any number of masked spans between given text are filled by the same reverse process. Blocks run over
+# the masked positions in reading order (block k of a row = its masked positions of rank kL..(k+1)L-1), so a plain
+# canvas (prompt, then `length` masks) gives exactly what `generate` gives. Rows may differ in mask counts, steps and
+# block lengths (the server batches requests of different max_tokens this way): a row finished with its blocks or
+# steps simply has nothing left to reveal while the others continue.
+
+
+@dataclass
+class Infill:
+    """What `infill` returns: the filled canvases and, per row, the filled ids in reading order."""
+
+    tokens: torch.Tensor  # (B, width): canvases left-padded to the longest one, [MASK] positions filled
+    canvas_lengths: list[int]
+    fills: list[list[int]]  # the ids written into each row's masked positions, left to right
+    forward_passes: int
+    width: int
+
+
+def _per_row(value: int | Sequence[int] | None, rows: int, name: str) -> list[int | None]:
+    """One setting for every row, or one per row (the server batches requests with different settings)."""
+    if value is None or isinstance(value, int):
+        return [value] * rows
+    values = list(value)
+    if len(values) != rows:
+        raise SmdmError(f"{name}: {len(values)} values for {rows} canvases")
+    return values
+
+
+class _CanvasInputs(_DenoiserInputs):
+    """The model batch of an infilling sampler: pads hidden on both sides, per-row positions, given text for CFG."""
+
+    def __init__(self, canvas: torch.Tensor, real: torch.Tensor, fill: torch.Tensor, mask_id: int,
+                 guided: bool) -> None:
+        copies = 2 if guided else 1
+        self.padded = not bool(real.all())
+        self.key_mask = real.repeat(copies, 1) if self.padded else None
+        self.positions = (real.long().cumsum(1) - 1).clamp_min(0).repeat(copies, 1)
+        self.prompt_mask = real & ~fill  # CFG's unconditional row hides every given token, on both sides
+        self.mask_id = mask_id
+        self.guided = guided
+
+
+def _infill_step(logits: torch.Tensor, block: torch.Tensor, current: torch.Tensor, mask_id: int, plan: Plan,
+                 steps_left: torch.Tensor, generator: torch.Generator | None, step: int = 0) -> torch.Tensor:
+    """One denoising step over the window, revealing only positions of the current block (`current`).
+
+    The same draws and choices as `_denoise_step`, with each row's own number of steps left.
+    """
+    masked = current & (block == mask_id)
+    if plan.remasking == "random":
+        draw = torch.rand(masked.shape, generator=generator).to(masked.device)
+        reveal = masked & (draw < 1.0 / steps_left[:, None])
+        return block.masked_scatter(reveal, sample_tokens(logits[reveal], plan.temperature, plan.top_p, generator))
+    candidates = logits[masked]
+    predicted = sample_tokens(candidates, plan.temperature, plan.top_p, generator)
+    chosen = candidates.float().gather(-1, predicted[:, None]).squeeze(-1)
+    confidence = torch.full(block.shape, -float("inf"), device=block.device)
+    confidence[masked] = (chosen - candidates.float().logsumexp(-1)).exp()
+    if plan.schedule in SCHEDULE_EPS:  # each row on its own number of steps per block
+        count = torch.stack([smdm_tokens_to_reveal(n[None], int(total - left), int(total),
+                                                   SCHEDULE_EPS[plan.schedule])[0]
+                             for n, left, total in zip(masked.sum(-1), steps_left, steps_left + step)])
+    else:
+        count = tokens_to_reveal(masked.sum(-1), steps_left)
+    reveal = reveal_low_confidence(confidence, masked, count, plan.threshold)
+    return torch.where(reveal, block.masked_scatter(masked, predicted), block)
+
+
+@torch.no_grad()
+def infill(model: Transformer, canvases: Sequence[Sequence[int]], steps: int | Sequence[int] | None = None,
+           temperature: float = 0.0, generator: torch.Generator | None = None,
+           on_step: StepCallback | None = None, *, remasking: Remasking = "low_confidence",
+           block_length: int | Sequence[int] | None = None, cfg_scale: float | None = None,
+           threshold: float | None = None, cache: str | None = None, top_p: float = 1.0,
+           eos_id: int | None = None, stop_at_eos: bool = False, schedule: str = "even") -> Infill:
+    """Fill the [MASK] (model.mask_id) positions of each canvas; given tokens are never changed.
+
+    Every option of `generate` applies, over each row's masked positions: `steps` (default: one per masked token)
+    and `block_length` (default: all of them) per row or one for all; CFG hides all given text in the
+    unconditional row; caches record the columns outside the current block's span. `stop_at_eos` ends a row whose
+    masks all trail its given text once a finished block holds an EOS (filled with EOS after it, as `generate`
+    does). on_step(step, tokens) sees the (B, width) grid after every step.
+    """
+    if model.causal:
+        raise SmdmError("infilling needs an MDM (it predicts masked positions from both sides); "
+                        "this checkpoint is an ARM, which only continues text left to right")
+    rows = [[int(i) for i in canvas] for canvas in canvases]
+    if not rows:
+        raise SmdmError("no canvases given")
+    mask_id, vocab = model.mask_id, model.config.vocab_size
+    counts = []
+    for row in rows:
+        if any(not (0 <= i < vocab or i == mask_id) for i in row):
+            raise SmdmError(f"canvas ids must lie in [0, {vocab}) or be the [MASK] id {mask_id}")
+        counts.append(row.count(mask_id))
+        if counts[-1] == 0:
+            raise SmdmError("a canvas has no [MASK] positions to fill")
+        if len(row) > model.config.block_size:
+            raise SmdmError(f"a canvas of {len(row)} tokens exceeds the block size {model.config.block_size}")
+    row_steps = _per_row(steps, len(rows), "steps")
+    row_blocks = _per_row(block_length, len(rows), "block_length")
+    plans = [make_plan(model, n, s, temperature, remasking=remasking, block_length=b, cfg_scale=cfg_scale,
+                       threshold=threshold, cache=cache, top_p=top_p, eos_id=eos_id, stop_at_eos=stop_at_eos,
+                       schedule=schedule)
+             for n, s, b in zip(counts, row_steps, row_blocks)]
+    plan = plans[0]
+    device = model.lm_head.weight.device
+    width = max(len(r) for r in rows)
+    x = torch.full((len(rows), width), eos_id if eos_id is not None else 0, dtype=torch.long)
+    real = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        x[b, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        real[b, width - len(row):] = True
+    x, real = x.to(device), real.to(device)
+    fill = x == mask_id
+    fill &= real
+    inputs = _CanvasInputs(x, real, fill, mask_id, cfg_scale is not None)
+    rank = fill.long().cumsum(1) - 1  # a masked position's place among its row's masked positions
+    block_of = torch.where(fill, rank // torch.tensor([p.block_length for p in plans], device=device)[:, None], -1)
+    steps_per_block = torch.tensor([p.steps_per_block for p in plans], device=device)
+    trailing = [row.index(mask_id) + counts[i] == len(row) for i, row in enumerate(rows)]  # masks end the canvas
+    passes = step_index = 0
+    for k in range(max(p.num_blocks for p in plans)):
+        current = block_of == k
+        columns = current.any(0).nonzero().flatten()
+        if columns.numel() == 0:
+            continue
+        start, end = int(columns[0]), int(columns[-1]) + 1
+        window = None
+        if plan.cache != "none":
+            window = WindowCache(model.config.n_layer, start, end if plan.cache == "dual" else None)
+        here = current[:, start:end]
+        for step in range(int(steps_per_block.max())):
+            if not (here & (x[:, start:end] == mask_id)).any():
+                break  # threshold decoding (or every row's schedule) finished the block early
+            logits = _block_logits(model, x, inputs, plan, window, start, end)
+            passes += 1
+            steps_left = (steps_per_block - step).clamp_min(1)
+            x[:, start:end] = _infill_step(logits, x[:, start:end], here, mask_id, plan, steps_left, generator, step)
+            if on_step is not None:
+                on_step(step_index, x)
+            step_index += 1
+        if stop_at_eos:
+            for b in range(len(rows)):
+                done = fill[b] & (block_of[b] <= k)
+                if trailing[b] and (x[b][done] == eos_id).any():
+                    x[b][fill[b] & (x[b] == mask_id)] = eos_id  # nothing after this EOS can reach the completion
+            if not (fill & (x == mask_id)).any():
+                break
+    fills = [x[b][fill[b]].tolist() for b in range(len(rows))]
+    return Infill(x, [len(r) for r in rows], fills, passes, width)

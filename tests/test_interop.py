@@ -423,6 +423,29 @@ def test_sampling_is_token_identical_to_dreams_own_sampler(peers, tmp_path, toke
     assert not (expected == MASK).any()
 
 
+@pytest.mark.parametrize("steps", [16, 8, 5])
+def test_dream_schedule_is_token_identical_to_dreams_default_sampler(peers, tmp_path, tokenizer_dir, capsys, steps):
+    # Dream's default `_sample` (alg="maskgit_plus", greedy): per step int(n·(1 - s/t)) of the n masked tokens on
+    # timesteps linspace(1, 1e-3, steps + 1), the most confident first, the rest at the last step.
+    from types import SimpleNamespace
+
+    theirs, directory = _dream(peers, tmp_path, tokenizer_dir, seed=3)
+    model = load_checkpoint(directory).model
+    prompt = _ids(1, 6, seed=7)
+    settings = SimpleNamespace(output_history=False, return_dict_in_generate=False, max_length=6 + 16,
+                               mask_token_id=MASK, steps=steps, eps=1e-3, alg="maskgit_plus", alg_temp=None,
+                               temperature=0.0, top_p=None, top_k=None)
+    with torch.no_grad():
+        expected = theirs._sample(prompt, None, settings, lambda step, x, logits: x, lambda step, x, logits: logits)
+    capsys.readouterr()
+    first: list[int] = []
+    ours = generate(model, prompt, 16, steps=steps, schedule="dream",
+                    on_step=lambda step, x: first.append(int((x == MASK).sum())) if step == 0 else None)
+    assert torch.equal(ours.tokens, expected)
+    # Its own schedule, not the even split: with one token per step on average, its first step reveals none.
+    assert (16 - first[0]) == (0 if steps == 16 else int(16 * (1 - (1 - 0.999 / steps))))
+
+
 def test_bf16_directory_exports_as_bf16_bit_exactly(peers, tmp_path, tokenizer_dir):
     theirs, _directory = _llada(peers, tmp_path, tokenizer_dir)
     theirs.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")

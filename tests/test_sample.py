@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from smdm.checkpoint import save_checkpoint
 from smdm.config import ModelConfig
 from smdm.errors import SmdmError
 from smdm.model import Transformer
@@ -408,20 +407,9 @@ def test_generate_refuses_bad_prompts():
 @pytest.fixture(scope="module")
 def checkpoints(toy_data, tmp_path_factory):
     """An untrained MDM and ARM (tiny-test, block size 128) with the toy tokenizer: fast to make, real to load."""
-    from smdm.tokenizer import Tokenizer
+    from serving import untrained_checkpoints
 
-    tokenizer_file = toy_data.parent / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(tokenizer_file)
-    root = tmp_path_factory.mktemp("sample-cli")
-    config = ModelConfig.from_name("tiny-test", vocab_size=tokenizer.vocab_size)
-    meta = {"tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-                          "eos_id": tokenizer.eos_id}}
-    paths = {}
-    for objective in ("mdm", "arm"):
-        torch.manual_seed(0)
-        paths[objective] = save_checkpoint(root / objective, Transformer(config, causal=objective == "arm"), config,
-                                           {**meta, "objective": objective}, tokenizer_file=tokenizer_file)
-    return paths
+    return untrained_checkpoints(toy_data, tmp_path_factory.mktemp("sample-cli"))
 
 
 def test_cli_samples_prompts_from_arguments_and_a_file(capsys, tmp_path, checkpoints):
