@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from smdm.adapt import WithAttentionMask, adaptation_record, adapted_config, annealed_attention_mask
 from smdm.checkpoint import Checkpoint, load_checkpoint, lock_run_dir, resolve_checkpoint_dir, save_checkpoint
 from smdm.config import CONFIGS, ModelConfig, non_embedding_params
 from smdm.data.packed import PackedDataset, load_manifest
@@ -95,6 +96,9 @@ class TrainConfig:
     resume: bool = False
     init_from: str | None = None  # start from these weights and their config (fine-tuning); --model is ignored
     progress: bool = True
+    # ARM -> MDM adaptation (smdm.adapt): an mdm run --init-from an ARM. None: shift (DiffuLLaMA, Dream).
+    adapt_shift: bool | None = None
+    attention_anneal_steps: int = 0  # causal -> bidirectional over the first K steps (DiffuLLaMA); 0: at once
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -155,6 +159,12 @@ class TrainConfig:
             raise SmdmError("prompt_dropout must lie in [0, 1)")
         if self.prompt_dropout > 0 and self.objective not in ("mdm", "bdm"):
             raise SmdmError("prompt dropout trains classifier-free guidance, which only MDMs support")
+        if self.attention_anneal_steps < 0:
+            raise SmdmError("attention_anneal_steps must be at least 0")
+        if (self.adapt_shift is not None or self.attention_anneal_steps) and (
+                self.objective != "mdm" or not self.init_from):
+            raise SmdmError("--adapt-shift / --attention-anneal-steps adapt an ARM into an MDM: pass --objective mdm "
+                            "--init-from an ARM checkpoint or a Hugging Face Llama/Qwen2 directory")
         objective = self.make_objective()
         if self.init_from is None and self.model.lower() in CONFIGS:  # before any data is written
             objective.check_context(CONFIGS[self.model.lower()].block_size)
@@ -300,22 +310,49 @@ class RunData:
 
 def starting_point(config: TrainConfig, objective: Objective, vocab_size: int) -> tuple[Checkpoint | None,
                                                                                        ModelConfig]:
-    """The weights to start from (--init-from, unless resuming) and the model config of the run."""
-    initial = load_checkpoint(config.init_from) if config.init_from and not config.resume else None
-    if initial is None:
+    """The weights to start from (--init-from, unless resuming) and the model config of the run.
+
+    An ARM starting an mdm run is adapted (smdm.adapt): same weights, bidirectional, shifted unless told otherwise.
+    """
+    if config.init_from and config.resume and _has_checkpoint(Path(config.out_dir) / "checkpoint"):
+        initial = None  # the run's own checkpoint holds the weights; --init-from still fixes the architecture
+        init_config, init_meta = _init_header(config.init_from)
+    elif config.init_from:
+        initial = load_checkpoint(config.init_from)
+        init_config, init_meta = initial.config, initial.meta
+    else:
         return None, ModelConfig.from_name(config.model, vocab_size=vocab_size)
-    if initial.config.vocab_size != vocab_size and not (
-            "source" in initial.meta and vocab_size <= initial.config.vocab_size):  # imported: padded embeddings
-        raise SmdmError(f"{config.init_from}: vocabulary {initial.config.vocab_size} != data's {vocab_size}")
-    family = initial.meta.get("objective", objective.name)
+    if init_config.vocab_size != vocab_size and not (
+            "source" in init_meta and vocab_size <= init_config.vocab_size):  # imported: padded embeddings
+        raise SmdmError(f"{config.init_from}: vocabulary {init_config.vocab_size} != data's {vocab_size}")
+    family = init_meta.get("objective", objective.name)
+    adapting = config.adapt_shift is not None or config.attention_anneal_steps > 0
+    if adapting and family != "arm":
+        raise SmdmError(f"{config.init_from}: an {family} checkpoint is not an ARM; --adapt-shift / "
+                        "--attention-anneal-steps adapt an ARM into an MDM")
+    if family == "arm" and objective.name == "mdm":
+        return initial, adapted_config(init_config, config.adapt_shift is not False)
     if family != objective.name:
         raise SmdmError(f"{config.init_from}: an {family} checkpoint cannot start an {objective.name} run; "
                         f"pass --objective {family}")
-    block = initial.meta.get("objective_options", {}).get("diffusion_block_size")
+    block = init_meta.get("objective_options", {}).get("diffusion_block_size")
     if block is not None and block != getattr(objective, "diffusion_block_size", None):
         raise SmdmError(f"{config.init_from}: a bdm checkpoint trained with block size {block} cannot start a run "
                         f"with --diffusion-block-size {objective.diffusion_block_size}")
-    return initial, initial.config
+    return initial, init_config
+
+
+def _init_header(path: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """Config and meta of --init-from without reading its weights (a resumed run reloads its own checkpoint)."""
+    from smdm.checkpoint import read_checkpoint_meta
+    from smdm.interop import is_model_dir, model_dir_config
+    from smdm.interop.loader import import_spec, read_record
+
+    if is_model_dir(path):
+        objective = import_spec(read_record(Path(path)), str(path))[3]
+        return model_dir_config(path), {"objective": objective, "source": {"path": str(path)}}
+    record = read_checkpoint_meta(path)
+    return ModelConfig.from_dict(record["model"]), {k: v for k, v in record.items() if k not in ("model", "format")}
 
 
 def load_run_data(config: TrainConfig, objective: Objective, model_config: ModelConfig, manifest: dict[str, Any],
@@ -420,12 +457,15 @@ class Run:
                 tokens = random_length(tokens, config.random_length_prob, generator,
                                        min_length=self.objective.min_length()).to(device)
             last = micro == config.grad_accum - 1
+            model = self.train_model
+            anneal = annealed_attention_mask(tokens.size(1), step, config.attention_anneal_steps, config.seed, device)
+            if anneal is not None:  # ARM -> MDM adaptation, the first K steps only (smdm.adapt)
+                model = WithAttentionMask(model, anneal)
             with no_gradient_sync(self.train_model, self.strategy, last), autocast_context(device, config.dtype):
                 if prompt_lengths is None:
-                    loss = self.objective.loss(self.train_model, tokens, generator, self.model.mask_id)
+                    loss = self.objective.loss(model, tokens, generator, self.model.mask_id)
                 else:
-                    loss = self.objective.sft_loss(self.train_model, tokens, prompt_lengths, generator,
-                                                   self.model.mask_id)
+                    loss = self.objective.sft_loss(model, tokens, prompt_lengths, generator, self.model.mask_id)
                 (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
             inputs += self.objective.targets(tokens, self.data.sft)
@@ -474,6 +514,9 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
                                             else {}),
             "tokenizer": {k: data.tokenizer.get(k) for k in ("fingerprint", "vocab_size", "eos_id")},
             "non_embedding_params": n_params, "sft": sft}
+    if config.init_from and objective.name == "mdm" and _init_header(config.init_from)[1].get("objective") == "arm":
+        meta["adapted_from"] = adaptation_record(config.init_from, model_config.shifted,
+                                                 config.attention_anneal_steps)
     run = Run(config, info, objective, model_config, data, model, train_model, optimizer, strategy, total_steps,
               warmup, meta, tokenizer_file)
     if train_state is not None:
