@@ -26,6 +26,7 @@ from smdm.cli_types import (
 from smdm.config import ROPE_CACHE_DTYPES
 from smdm.errors import SmdmError
 from smdm.interop.cli import add_parser as add_export_parser
+from smdm.lora_cli import add_lora_args
 from smdm.sweep_cli import add_scale_parser
 from smdm.tasks.cli import add_eval_parser, add_task_parsers
 
@@ -362,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="fine-tune on prompt/response pairs (loss on the response only)")
     _add_train_args(p, sft=True)
     _add_sft_args(p)
+    add_lora_args(p)
     p.set_defaults(func=cmd_sft)
 
     add_task_parsers(sub)

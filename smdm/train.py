@@ -44,6 +44,8 @@ from smdm.distributed import (
 )
 from smdm.errors import SmdmError
 from smdm.flops import FLOPS_COUNTS, device_peak_flops, flops_per_token, hardware_flops_per_token
+from smdm.lora import (ADAPTER_DIR, attach_lora, check_lora_options, has_adapter_state, load_adapter, lora_config,
+                       merged_state, read_adapter_state, save_adapter)
 from smdm.model import Transformer
 from smdm.objectives import Objective, make_objective, objective_names
 
@@ -99,6 +101,12 @@ class TrainConfig:
     # ARM -> MDM adaptation (smdm.adapt): an mdm run --init-from an ARM. None: shift (DiffuLLaMA, Dream).
     adapt_shift: bool | None = None
     attention_anneal_steps: int = 0  # causal -> bidirectional over the first K steps (DiffuLLaMA); 0: at once
+    # LoRA through PEFT (smdm.lora): None = a full fine-tune. The adapter lives in OUT/adapter (PEFT's format).
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # default 2 * rank
+    lora_dropout: float | None = None  # default 0
+    lora_targets: list[str] | None = None  # smdm module names; default qkv, proj, gate_up, down
+    merge: bool = False  # LoRA: also write the merged weights as an smdm checkpoint in OUT/checkpoint
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -165,6 +173,8 @@ class TrainConfig:
                 self.objective != "mdm" or not self.init_from):
             raise SmdmError("--adapt-shift / --attention-anneal-steps adapt an ARM into an MDM: pass --objective mdm "
                             "--init-from an ARM checkpoint or a Hugging Face Llama/Qwen2 directory")
+        check_lora_options(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets, self.merge,
+                           self.init_from, self.parallel)
         objective = self.make_objective()
         if self.init_from is None and self.model.lower() in CONFIGS:  # before any data is written
             objective.check_context(CONFIGS[self.model.lower()].block_size)
@@ -314,7 +324,8 @@ def starting_point(config: TrainConfig, objective: Objective, vocab_size: int) -
 
     An ARM starting an mdm run is adapted (smdm.adapt): same weights, bidirectional, shifted unless told otherwise.
     """
-    if config.init_from and config.resume and _has_checkpoint(Path(config.out_dir) / "checkpoint"):
+    if (config.init_from and config.resume and config.lora_rank is None
+            and _has_checkpoint(Path(config.out_dir) / "checkpoint")):
         initial = None  # the run's own checkpoint holds the weights; --init-from still fixes the architecture
         init_config, init_meta = _init_header(config.init_from)
     elif config.init_from:
@@ -405,6 +416,7 @@ class Run:
     resumed: bool = False
     last_lr: float = 0.0  # of the latest step, for the log
     last_grad_norm: Any = None
+    lora_record: dict[str, Any] | None = None  # a LoRA run: what OUT/adapter records (smdm.lora)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -423,8 +435,12 @@ class Run:
                         prompt_lengths=self.data.val_prompt_lengths)
 
     def save(self, step: int) -> None:
-        """Checkpoint weights, optimizer, data position and RNG. Gathering is collective; only rank 0 writes."""
-        weights = full_model_state(self.train_model)
+        """Checkpoint weights, optimizer, data position and RNG. Gathering is collective; only rank 0 writes.
+
+        A LoRA run writes its adapter (PEFT's format) and this state to OUT/adapter instead of the whole model.
+        """
+        lora = self.lora_record is not None
+        weights = None if lora else full_model_state(self.train_model)
         optimizer_state = full_optimizer_state(self.train_model, self.optimizer)
         if self.info.is_main:
             state = {
@@ -432,9 +448,12 @@ class Run:
                 "data": self.data.train.state_dict(), "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(), "world_size": self.info.world_size,
             }
-            save_checkpoint(self.checkpoint_dir, weights, self.model_config,
-                            {**self.meta, "step": step, "tokens": self.tokens_seen}, train_state=state,
-                            tokenizer_file=self.tokenizer_file)
+            if lora:
+                save_adapter(self.model, self.config.out_dir, self.lora_record, state)
+            else:
+                save_checkpoint(self.checkpoint_dir, weights, self.model_config,
+                                {**self.meta, "step": step, "tokens": self.tokens_seen}, train_state=state,
+                                tokenizer_file=self.tokenizer_file)
         if self.info.distributed:
             torch.distributed.barrier()
 
@@ -502,9 +521,15 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
                                   rows_per_step=config.batch_size * config.grad_accum * info.world_size)
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 100)
     checkpoint_dir = Path(config.out_dir) / "checkpoint"
-    train_state = _resume_state(config, objective, model_config, data, checkpoint_dir, model)
+    lora_record = None
+    if config.lora_rank is None:
+        train_state = _resume_state(config, objective, model_config, data, checkpoint_dir, model)
+    else:
+        train_state = None
     if train_state is None and initial is not None:
         model.load_state_dict(initial.model.state_dict())
+    if config.lora_rank is not None:  # the base stays frozen; only the adapter is trained (smdm.lora)
+        model, train_state, lora_record = _with_lora(config, objective, model_config, data, model)
 
     model.to(info.device).train()
     strategy = resolve_strategy(config.parallel, info)
@@ -517,8 +542,10 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     if config.init_from and objective.name == "mdm" and _init_header(config.init_from)[1].get("objective") == "arm":
         meta["adapted_from"] = adaptation_record(config.init_from, model_config.shifted,
                                                  config.attention_anneal_steps)
+    if lora_record is not None:
+        meta["lora"] = lora_record["lora"]
     run = Run(config, info, objective, model_config, data, model, train_model, optimizer, strategy, total_steps,
-              warmup, meta, tokenizer_file)
+              warmup, meta, tokenizer_file, lora_record=lora_record)
     if train_state is not None:
         load_full_optimizer_state(train_model, optimizer, train_state["optimizer"])
         data.train.load_state_dict(train_state["data"])
@@ -526,6 +553,21 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
         random.setstate(train_state["python_rng"])
         run.start_step, run.tokens_seen, run.resumed = train_state["step"], train_state["tokens"], True
     return run
+
+
+def _with_lora(config: TrainConfig, objective: Objective, model_config: ModelConfig, data: RunData,
+               model: Transformer) -> tuple[torch.nn.Module, dict[str, Any] | None, dict[str, Any]]:
+    """The PEFT model of a LoRA run, its adapter restored from OUT/adapter when resuming; (model, state, record)."""
+    settings = lora_config(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
+                           str(config.init_from))
+    record = {"base": str(config.init_from), "objective": objective.name, "model": model_config.to_dict(),
+              "tokenizer": data.tokenizer.get("fingerprint"),
+              "lora": {"rank": settings.r, "alpha": settings.lora_alpha, "dropout": settings.lora_dropout,
+                       "targets": sorted(settings.target_modules)}}
+    if config.resume and has_adapter_state(config.out_dir):
+        state = read_adapter_state(config.out_dir, record)
+        return load_adapter(model, Path(config.out_dir) / ADAPTER_DIR, str(config.init_from)), state, record
+    return attach_lora(model, settings, str(config.init_from)), None, record
 
 
 def _resume_state(config: TrainConfig, objective: Objective, model_config: ModelConfig, data: RunData,
@@ -609,6 +651,10 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
             log.close()
     if run.start_step >= run.total_steps and val_loss is None:
         val_loss = run.evaluate()
+    if run.lora_record is not None and config.merge and end_step == run.total_steps and info.is_main:
+        save_checkpoint(run.checkpoint_dir, merged_state(run.model), run.model_config,
+                        {**run.meta, "step": end_step, "tokens": run.tokens_seen, "lora_merged": True},
+                        tokenizer_file=run.tokenizer_file)
     return _write_summary(run, val_loss)
 
 
@@ -620,6 +666,11 @@ def _write_summary(run: Run, val_loss: float | None) -> dict[str, Any]:
         "flops": run.per_token_flops() * run.tokens_seen, "flops_count": run.config.flops_count,
         "final_val_loss": val_loss, "checkpoint": str(run.checkpoint_dir),
     }
+    if run.lora_record is not None:
+        summary["adapter"] = str(Path(run.config.out_dir) / ADAPTER_DIR)
+        summary["trainable_params"] = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        if not run.config.merge:
+            summary["checkpoint"] = None
     if run.info.is_main:
         (Path(run.config.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
