@@ -10,7 +10,9 @@ A run keeps its adapter in OUT/adapter in PEFT's format (`save_pretrained`: adap
 adapter_model.safetensors, loadable with `PeftModel.from_pretrained(base, OUT/adapter)`), beside `state.pt` (step,
 optimizer over the adapter only, data position, RNG) so `--resume` continues bit-exactly. `--merge` writes the merged
 weights (`merge_and_unload`) as an ordinary smdm checkpoint in OUT/checkpoint, which every command loads.
-Quantized (4-/8-bit, QLoRA) base weights need bitsandbytes on CUDA and are not wired in: see docs/lora.md.
+`quantize` ("4bit": NF4 as in QLoRA, Dettmers et al. 2023, arXiv 2305.14314; or "8bit") stores the blocks' frozen
+linear layers through bitsandbytes (which also runs on CPU); the embedding, norms and head stay as loaded, and
+`--merge` adds the adapter to the original full-precision base, re-read from --init-from.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from smdm.checkpoint import atomic_replace_dir
 from smdm.errors import SmdmError
-from smdm.lora_cli import DEFAULT_TARGETS, LORA_TARGETS
+from smdm.lora_cli import DEFAULT_TARGETS, LORA_TARGETS, QUANTIZE
 
 ADAPTER_DIR = "adapter"
 STATE_FILE = "state.pt"
@@ -34,11 +36,13 @@ RECORD_FILE = "smdm_lora.json"  # what the adapter was trained on: base, objecti
 
 
 def check_lora_options(rank: int | None, alpha: float | None, dropout: float | None,
-                       targets: Sequence[str] | None, merge: bool, init_from: str | None, parallel: str) -> None:
+                       targets: Sequence[str] | None, merge: bool, init_from: str | None, parallel: str,
+                       quantize: str | None = None) -> None:
     """Refuse LoRA options without --lora-rank (a full fine-tune) and impossible values, before anything is written."""
     if rank is None:
         given = [flag for flag, value in (("--lora-alpha", alpha), ("--lora-dropout", dropout),
-                                          ("--lora-targets", targets), ("--merge", merge or None)) if value is not None]
+                                          ("--lora-targets", targets), ("--merge", merge or None),
+                                          ("--lora-quantize", quantize)) if value is not None]
         if given:
             raise SmdmError(f"{', '.join(given)} without --lora-rank: this is a full fine-tune; pass --lora-rank R "
                             "to train a LoRA adapter")
@@ -54,6 +58,8 @@ def check_lora_options(rank: int | None, alpha: float | None, dropout: float | N
         raise SmdmError(f"--lora-targets: unknown module {unknown[0]!r}; smdm's are {', '.join(LORA_TARGETS)}")
     if targets is not None and not targets:
         raise SmdmError("--lora-targets needs at least one module")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise SmdmError(f"--lora-quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
     if not init_from:
         raise SmdmError("LoRA adapts a trained model: pass --init-from a checkpoint or Hugging Face directory")
     if parallel == "fsdp":
@@ -131,24 +137,56 @@ def save_adapter(model: torch.nn.Module, run_dir: str | Path, record: dict[str, 
     return final
 
 
-def merged_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def quantize_base(model: torch.nn.Module, bits: str, device: torch.device | str = "cpu") -> None:
+    """Replace the blocks' linear layers (qkv, proj, gate_up, down) by frozen bitsandbytes 4-bit NF4 / 8-bit ones,
+    quantized on `device` (QLoRA's recipe: the base in 4 bits, the adapter and the compute in full precision)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise SmdmError("--lora-quantize needs the bitsandbytes package: pip install 'smdm[qlora]'") from None
+    compute = model.embed.weight.dtype
+    for block in model.blocks:
+        for parent, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "gate_up"), (block.mlp, "down")):
+            linear = getattr(parent, name)
+            bias = linear.bias is not None
+            if bits == "4bit":
+                layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=compute,
+                                          quant_type="nf4")
+                layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+            else:
+                layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias,
+                                            has_fp16_weights=False)
+                layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+            if bias:
+                layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+            setattr(parent, name, layer.to(device))  # bitsandbytes quantizes when the weight reaches the device
+
+
+def merged_state(model: torch.nn.Module, base_state: dict[str, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
     """The base weights with the adapter merged in (W + alpha/r · B·A), under smdm's plain names.
 
-    Merges a copy of each adapted layer's weight, so the live PEFT model is left as it was.
+    Merges a copy of each adapted layer's weight, so the live PEFT model is left as it was. `base_state` (the
+    full-precision base, for a quantized run) replaces the weights held by the model.
     """
     peft = _peft()
     base = model.get_base_model()
     merged = {name: tensor.detach().clone() for name, tensor in base.state_dict().items()
               if ".lora_" not in name and "base_layer." not in name}
+    if base_state is not None:
+        merged = {name: tensor.detach().clone() for name, tensor in base_state.items()}
     for name, module in base.named_modules():
         if isinstance(module, peft.tuners.lora.LoraLayer):
-            weight = module.get_base_layer().weight.detach().clone()
+            if base_state is not None:
+                weight = merged[f"{name}.weight"]
+            else:
+                weight = module.get_base_layer().weight.detach().clone()
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
                     weight += module.get_delta_weight(adapter).to(weight.dtype)
             merged[f"{name}.weight"] = weight
             bias = module.get_base_layer().bias
-            if bias is not None:
+            if bias is not None and base_state is None:
                 merged[f"{name}.bias"] = bias.detach().clone()
     return merged
 

@@ -8,6 +8,7 @@ from smdm.cli_types import fraction, positive_float, positive_int
 
 LORA_TARGETS = ("qkv", "proj", "gate_up", "down", "lm_head")  # smdm's module names (smdm.model)
 DEFAULT_TARGETS = ("qkv", "proj", "gate_up", "down")  # every linear layer of the blocks (QLoRA's recipe)
+QUANTIZE = ("4bit", "8bit")  # frozen base layers through bitsandbytes (QLoRA)
 
 
 def add_lora_args(parser: argparse.ArgumentParser) -> None:
@@ -20,5 +21,7 @@ def add_lora_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-targets", nargs="+", default=unset, metavar="MODULE",
                         help=f"smdm modules to adapt: {', '.join(LORA_TARGETS)} (default "
                              f"{' '.join(DEFAULT_TARGETS)})")
+    parser.add_argument("--lora-quantize", choices=QUANTIZE, default=unset,
+                        help="QLoRA: keep the frozen base's block layers in 4-bit NF4 (or 8-bit) via bitsandbytes")
     parser.add_argument("--merge", action="store_true", default=unset,
                         help="LoRA: at the end, write the merged weights as an smdm checkpoint in OUT/checkpoint")

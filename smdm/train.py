@@ -45,7 +45,7 @@ from smdm.distributed import (
 from smdm.errors import SmdmError
 from smdm.flops import FLOPS_COUNTS, device_peak_flops, flops_per_token, hardware_flops_per_token
 from smdm.lora import (ADAPTER_DIR, attach_lora, check_lora_options, has_adapter_state, load_adapter, lora_config,
-                       merged_state, read_adapter_state, save_adapter)
+                       merged_state, quantize_base, read_adapter_state, save_adapter)
 from smdm.model import Transformer
 from smdm.objectives import Objective, make_objective, objective_names
 
@@ -106,6 +106,7 @@ class TrainConfig:
     lora_alpha: float | None = None  # default 2 * rank
     lora_dropout: float | None = None  # default 0
     lora_targets: list[str] | None = None  # smdm module names; default qkv, proj, gate_up, down
+    lora_quantize: str | None = None  # LoRA: "4bit" (QLoRA's NF4) or "8bit" frozen base layers (bitsandbytes)
     merge: bool = False  # LoRA: also write the merged weights as an smdm checkpoint in OUT/checkpoint
 
     @classmethod
@@ -174,7 +175,7 @@ class TrainConfig:
             raise SmdmError("--adapt-shift / --attention-anneal-steps adapt an ARM into an MDM: pass --objective mdm "
                             "--init-from an ARM checkpoint or a Hugging Face Llama/Qwen2 directory")
         check_lora_options(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets, self.merge,
-                           self.init_from, self.parallel)
+                           self.init_from, self.parallel, self.lora_quantize)
         objective = self.make_objective()
         if self.init_from is None and self.model.lower() in CONFIGS:  # before any data is written
             objective.check_context(CONFIGS[self.model.lower()].block_size)
@@ -529,7 +530,7 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     if train_state is None and initial is not None:
         model.load_state_dict(initial.model.state_dict())
     if config.lora_rank is not None:  # the base stays frozen; only the adapter is trained (smdm.lora)
-        model, train_state, lora_record = _with_lora(config, objective, model_config, data, model)
+        model, train_state, lora_record = _with_lora(config, objective, model_config, data, model, info.device)
 
     model.to(info.device).train()
     strategy = resolve_strategy(config.parallel, info)
@@ -556,14 +557,17 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
 
 
 def _with_lora(config: TrainConfig, objective: Objective, model_config: ModelConfig, data: RunData,
-               model: Transformer) -> tuple[torch.nn.Module, dict[str, Any] | None, dict[str, Any]]:
+               model: Transformer, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any] | None,
+                                                                  dict[str, Any]]:
     """The PEFT model of a LoRA run, its adapter restored from OUT/adapter when resuming; (model, state, record)."""
+    if config.lora_quantize is not None:
+        quantize_base(model, config.lora_quantize, device)
     settings = lora_config(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
                            str(config.init_from))
     record = {"base": str(config.init_from), "objective": objective.name, "model": model_config.to_dict(),
               "tokenizer": data.tokenizer.get("fingerprint"),
               "lora": {"rank": settings.r, "alpha": settings.lora_alpha, "dropout": settings.lora_dropout,
-                       "targets": sorted(settings.target_modules)}}
+                       "targets": sorted(settings.target_modules), "quantize": config.lora_quantize}}
     if config.resume and has_adapter_state(config.out_dir):
         state = read_adapter_state(config.out_dir, record)
         return load_adapter(model, Path(config.out_dir) / ADAPTER_DIR, str(config.init_from)), state, record
@@ -652,7 +656,10 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if run.start_step >= run.total_steps and val_loss is None:
         val_loss = run.evaluate()
     if run.lora_record is not None and config.merge and end_step == run.total_steps and info.is_main:
-        save_checkpoint(run.checkpoint_dir, merged_state(run.model), run.model_config,
+        base_state = None
+        if config.lora_quantize is not None:  # merge into the full-precision base, not its quantized copy
+            base_state = load_checkpoint(config.init_from).model.state_dict()
+        save_checkpoint(run.checkpoint_dir, merged_state(run.model, base_state), run.model_config,
                         {**run.meta, "step": end_step, "tokens": run.tokens_seen, "lora_merged": True},
                         tokenizer_file=run.tokenizer_file)
     return _write_summary(run, val_loss)

@@ -154,6 +154,7 @@ def test_bad_lora_options_are_one_line_errors(setup, tmp_path, capsys):
     cases = [
         (["--init-from", str(setup["mdm"]), "--lora-alpha", "4"], "without --lora-rank"),
         (["--init-from", str(setup["mdm"]), "--merge"], "full fine-tune"),
+        (["--init-from", str(setup["mdm"]), "--lora-quantize", "4bit"], "--lora-quantize without --lora-rank"),
         (["--init-from", str(setup["mdm"]), "--lora-rank", "4", "--lora-targets", "q_proj"], "unknown module"),
         (["--tokenizer", str(setup["tokenizer"]), "--model", "tiny-test", "--lora-rank", "4"], "--init-from"),
         (["--init-from", str(setup["mdm"]), "--lora-rank", "4", "--parallel", "fsdp"], "FSDP"),
@@ -175,3 +176,50 @@ def test_tied_head_cannot_take_an_adapter():
                                     tie_embeddings=True))
     with pytest.raises(SmdmError, match="tied"):
         attach_lora(model, lora_config(2, None, None, ["lm_head"], "base"), "base")
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_base_trains_the_adapter_and_merges_into_the_full_precision_base(setup, tmp_path, bits):
+    pytest.importorskip("bitsandbytes", reason="--lora-quantize needs bitsandbytes")
+    options = {"lora_quantize": bits, "lora_targets": ["qkv", "down"], "save_every": 2, "max_steps": 4}
+    summary = _lora_run(setup, tmp_path / "ref", "mdm", **options)
+    assert summary["final_val_loss"] < 10
+    saved = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
+    assert all(".lora_" in k for k in saved)
+    base = load_checkpoint(setup["mdm"]).model.state_dict()
+    merged = load_checkpoint(tmp_path / "ref")
+    assert merged.meta["lora"]["quantize"] == bits
+    for name, weight in base.items():
+        stem = name.removesuffix(".weight")
+        if name.endswith("weight") and (".qkv." in name or ".down." in name):
+            delta = 2.0 * saved[f"base_model.model.{stem}.lora_B.weight"] @ saved[f"base_model.model.{stem}.lora_A.weight"]
+            torch.testing.assert_close(merged.model.state_dict()[name], weight + delta, atol=1e-6, rtol=0)
+            assert delta.abs().max() > 0
+        else:
+            assert torch.equal(merged.model.state_dict()[name], weight), name
+    # The quantized base is rebuilt identically on resume: bit-exact.
+    _lora_run(setup, tmp_path / "cut", "mdm", stop_after_steps=2, **options)
+    _lora_run(setup, tmp_path / "cut", "mdm", resume=True, **options)
+    resumed = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    for key in saved:
+        assert torch.equal(saved[key], resumed[key]), key
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantize_base_stores_the_block_layers_quantized(bits):
+    bnb = pytest.importorskip("bitsandbytes", reason="--lora-quantize needs bitsandbytes")
+    from smdm.lora import quantize_base
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(name="t", block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=64,
+                                    n_query_groups=2, qkv_bias=True)).eval()
+    tokens = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        before = model(tokens)
+        quantize_base(model, bits)
+        after = model(tokens)
+    kind = bnb.nn.Linear4bit if bits == "4bit" else bnb.nn.Linear8bitLt
+    assert all(isinstance(getattr(b.attn, "qkv"), kind) and isinstance(b.mlp.down, kind) for b in model.blocks)
+    assert model.blocks[0].attn.qkv.weight.dtype in (torch.uint8, torch.int8)  # stored in 4 / 8 bits
+    assert not torch.equal(after, before)  # rounding happened ...
+    torch.testing.assert_close(after, before, atol=0.05, rtol=0)  # ... and the model is still the same model
