@@ -2,8 +2,10 @@
 
 Pre-trains a small ARM on the demo corpus for --arm-steps, then trains MDMs for --mdm-steps each:
 from scratch (the baseline), adapted with the shift (DiffuLLaMA / Dream default), adapted without it, and adapted
-with attention annealing over the first --anneal-steps. Every MDM run sees the same data, schedule and seed; the
-numbers are each run's final validation ELBO (stratified t, fixed mask draws: smdm.train.evaluate).
+with attention annealing over the first --anneal-steps; and, as the stricter baseline, an MDM from scratch given the
+ARM's steps too (the same total compute as ARM pre-training + adaptation). Every MDM run sees the same data, schedule
+and seed; the numbers are each run's final validation ELBO (stratified t, fixed mask draws: smdm.train.evaluate).
+Finished runs (OUT/NAME/summary.json) are reused when the script runs again.
 
     nice -n 19 python benchmarks/adaptation.py --work-dir runs/adaptation
 """
@@ -44,6 +46,9 @@ def main() -> None:
                        progress=False)
 
     def run(name: str, steps: int, **options) -> float:
+        summary = work / name / "summary.json"
+        if summary.exists():
+            return json.loads(summary.read_text())["final_val_loss"]
         config = TrainConfig(data_dir=str(data), out_dir=str(work / name), model=args.model, seq_len=args.seq_len,
                              batch_size=args.batch_size, max_steps=steps, lr=3e-3, eval_every=10**9,
                              save_every=10**9, eval_blocks=64, eval_mc_samples=4, threads=args.threads,
@@ -58,6 +63,8 @@ def main() -> None:
                                          adapt_shift=False)
     results["mdm_adapted_shift_anneal"] = run("mdm_adapted_shift_anneal", args.mdm_steps, objective="mdm",
                                               init_from=arm, attention_anneal_steps=args.anneal_steps)
+    results["mdm_scratch_total_budget"] = run("mdm_scratch_total_budget", args.arm_steps + args.mdm_steps,
+                                              objective="mdm")
     print(json.dumps({"settings": vars(args) | {"work_dir": str(work)}, "val_loss_nats_per_token": results},
                      indent=2))
 

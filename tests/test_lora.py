@@ -223,3 +223,19 @@ def test_quantize_base_stores_the_block_layers_quantized(bits):
     assert model.blocks[0].attn.qkv.weight.dtype in (torch.uint8, torch.int8)  # stored in 4 / 8 bits
     assert not torch.equal(after, before)  # rounding happened ...
     torch.testing.assert_close(after, before, atol=0.05, rtol=0)  # ... and the model is still the same model
+
+
+def test_smdm_sft_lora_flags(setup, tmp_path, capsys):
+    code, stdout, err = run_cli(capsys, "sft", "--data", str(setup["data"]), "--init-from", str(setup["arm"]),
+                                "--objective", "arm", "--out", str(tmp_path / "run"), "--max-steps", "2",
+                                "--no-progress", "--threads", "1", "--lora-rank", "2", "--lora-alpha", "3",
+                                "--lora-dropout", "0.1", "--lora-targets", "proj", "lm_head", "--merge")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["checkpoint"] == str(tmp_path / "run" / "checkpoint")
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (2, 3, 0.1)
+    assert sorted(config["target_modules"]) == ["lm_head", "proj"]
+    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert recorded["lora_rank"] == 2 and recorded["lora_targets"] == ["proj", "lm_head"] and recorded["merge"]
+    assert load_checkpoint(tmp_path / "run").meta["lora"]["targets"] == ["lm_head", "proj"]
