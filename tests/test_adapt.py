@@ -81,6 +81,10 @@ def test_adapted_checkpoint_is_a_shifted_mdm_with_the_arm_weights(toy_data, tmp_
                                    atol=1e-4, rtol=0)
     checkpoint, _ = load_for_inference(tmp_path / "mdm", device="cpu")
     assert checkpoint.config.shifted and checkpoint.meta["adapted_from"]["shift"] is True
+    from smdm.sample import generate
+
+    out = generate(checkpoint.model, tokens[0, :4], 8, steps=8)  # the MDM sampler runs on the adapted model
+    assert len(out.completions[0]) == 8 and max(out.completions[0]) < adapted.config.vocab_size
 
 
 def test_no_shift_and_annealing_are_recorded(toy_data, tmp_path, arm_checkpoint):
