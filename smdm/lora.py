@@ -121,7 +121,7 @@ def read_adapter_state(run_dir: str | Path, record: dict[str, Any]) -> dict[str,
     try:
         return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged pickle
-        raise SmdmError(f"{directory / STATE_FILE}: corrupted training state ({error})") from None
+        raise SmdmError(f"{directory / STATE_FILE}: corrupted training state ({error})") from error
 
 
 def save_adapter(model: torch.nn.Module, run_dir: str | Path, record: dict[str, Any],

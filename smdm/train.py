@@ -44,8 +44,18 @@ from smdm.distributed import (
 )
 from smdm.errors import SmdmError
 from smdm.flops import FLOPS_COUNTS, device_peak_flops, flops_per_token, hardware_flops_per_token
-from smdm.lora import (ADAPTER_DIR, attach_lora, check_lora_options, has_adapter_state, load_adapter, lora_config,
-                       merged_state, quantize_base, read_adapter_state, save_adapter)
+from smdm.lora import (
+    ADAPTER_DIR,
+    attach_lora,
+    check_lora_options,
+    has_adapter_state,
+    load_adapter,
+    lora_config,
+    merged_state,
+    quantize_base,
+    read_adapter_state,
+    save_adapter,
+)
 from smdm.model import Transformer
 from smdm.objectives import Objective, make_objective, objective_names
 

@@ -111,8 +111,8 @@ def test_annealing_changes_training_only_during_the_first_k_steps(toy_data, tmp_
 
 
 def test_annealed_adaptation_resumes_bit_exactly(toy_data, tmp_path, arm_checkpoint):
-    options = dict(objective="mdm", init_from=str(arm_checkpoint), attention_anneal_steps=4, save_every=2,
-                   random_length_prob=0.3)
+    options = {"objective": "mdm", "init_from": str(arm_checkpoint), "attention_anneal_steps": 4, "save_every": 2,
+               "random_length_prob": 0.3}
     train(tiny_run(toy_data, tmp_path / "ref", max_steps=6, **options))
     train(tiny_run(toy_data, tmp_path / "cut", max_steps=6, stop_after_steps=3, **options))
     train(tiny_run(toy_data, tmp_path / "cut", max_steps=6, resume=True, **options))

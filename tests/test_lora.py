@@ -219,7 +219,7 @@ def test_quantize_base_stores_the_block_layers_quantized(bits):
         quantize_base(model, bits)
         after = model(tokens)
     kind = bnb.nn.Linear4bit if bits == "4bit" else bnb.nn.Linear8bitLt
-    assert all(isinstance(getattr(b.attn, "qkv"), kind) and isinstance(b.mlp.down, kind) for b in model.blocks)
+    assert all(isinstance(b.attn.qkv, kind) and isinstance(b.mlp.down, kind) for b in model.blocks)
     assert model.blocks[0].attn.qkv.weight.dtype in (torch.uint8, torch.int8)  # stored in 4 / 8 bits
     assert not torch.equal(after, before)  # rounding happened ...
     torch.testing.assert_close(after, before, atol=0.05, rtol=0)  # ... and the model is still the same model
