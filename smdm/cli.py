@@ -27,6 +27,7 @@ from smdm.cli_types import (
 from smdm.config import ROPE_CACHE_DTYPES
 from smdm.errors import SmdmError
 from smdm.interop.cli import add_parser as add_export_parser
+from smdm.lora_cli import add_lora_args
 from smdm.serve import cli as serve_cli
 from smdm.sweep_cli import add_scale_parser
 from smdm.tasks.cli import add_eval_parser, add_task_parsers
@@ -108,6 +109,12 @@ def _add_train_args(parser: argparse.ArgumentParser, sft: bool = False) -> None:
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=unset)
     parser.add_argument("--resume", action="store_true", default=unset, help="continue from OUT/checkpoint")
     parser.add_argument("--init-from", default=unset, help="start from the weights of this checkpoint")
+    parser.add_argument("--adapt-shift", action=argparse.BooleanOptionalAction, default=unset,
+                        help="ARM -> MDM (--objective mdm --init-from ARM): keep the AR head's i -> i+1 alignment "
+                             "(default on, as DiffuLLaMA and Dream)")
+    parser.add_argument("--attention-anneal-steps", type=non_negative_int, default=unset,
+                        help="ARM -> MDM: anneal attention from causal to bidirectional over the first K steps "
+                             "(DiffuLLaMA; default 0: bidirectional at once, as Dream)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=unset)
 
 
@@ -382,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="fine-tune on prompt/response pairs (loss on the response only)")
     _add_train_args(p, sft=True)
     _add_sft_args(p)
+    add_lora_args(p)
     p.set_defaults(func=cmd_sft)
 
     add_task_parsers(sub)

@@ -157,10 +157,13 @@ class Attention(nn.Module):
         batch, seq_len, _ = x.shape
         # Split the fused weight, not the fused output: the output's strided views cost a gradient concat in backward.
         sizes = [self.n_head * self.head_size, self.n_kv * self.head_size, self.n_kv * self.head_size]
-        wq, wk, wv = self.qkv.weight.split(sizes, dim=0)
-        if self.qkv.bias is None:
+        if type(self.qkv) is not nn.Linear:  # wrapped (a LoRA layer, smdm.lora): its own forward adds the update
+            q, k, v = self.qkv(x).split(sizes, dim=-1)
+        elif self.qkv.bias is None:
+            wq, wk, wv = self.qkv.weight.split(sizes, dim=0)
             q, k, v = F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)
         else:  # Qwen2 / Dream
+            wq, wk, wv = self.qkv.weight.split(sizes, dim=0)
             bq, bk, bv = self.qkv.bias.split(sizes, dim=0)
             q, k, v = F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)
         q = q.view(batch, seq_len, self.n_head, self.head_size).transpose(1, 2)
@@ -194,6 +197,9 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(self.hidden, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.gate_up) is not nn.Linear:  # wrapped (a LoRA layer): its own forward adds the update
+            gate, up = self.gate_up(x).split(self.hidden, dim=-1)
+            return self.down(F.silu(gate) * up)
         w_gate, w_up = self.gate_up.weight.split(self.hidden, dim=0)  # see Attention.forward: split weights
         return self.down(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up))
 

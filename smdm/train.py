@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from smdm.adapt import WithAttentionMask, adaptation_record, adapted_config, annealed_attention_mask
 from smdm.checkpoint import Checkpoint, load_checkpoint, lock_run_dir, resolve_checkpoint_dir, save_checkpoint
 from smdm.config import CONFIGS, ModelConfig, non_embedding_params
 from smdm.data.packed import PackedDataset, load_manifest
@@ -43,6 +44,18 @@ from smdm.distributed import (
 )
 from smdm.errors import SmdmError
 from smdm.flops import FLOPS_COUNTS, device_peak_flops, flops_per_token, hardware_flops_per_token
+from smdm.lora import (
+    ADAPTER_DIR,
+    attach_lora,
+    check_lora_options,
+    has_adapter_state,
+    load_adapter,
+    lora_config,
+    merged_state,
+    quantize_base,
+    read_adapter_state,
+    save_adapter,
+)
 from smdm.model import Transformer
 from smdm.objectives import Objective, make_objective, objective_names
 
@@ -95,6 +108,16 @@ class TrainConfig:
     resume: bool = False
     init_from: str | None = None  # start from these weights and their config (fine-tuning); --model is ignored
     progress: bool = True
+    # ARM -> MDM adaptation (smdm.adapt): an mdm run --init-from an ARM. None: shift (DiffuLLaMA, Dream).
+    adapt_shift: bool | None = None
+    attention_anneal_steps: int = 0  # causal -> bidirectional over the first K steps (DiffuLLaMA); 0: at once
+    # LoRA through PEFT (smdm.lora): None = a full fine-tune. The adapter lives in OUT/adapter (PEFT's format).
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # default 2 * rank
+    lora_dropout: float | None = None  # default 0
+    lora_targets: list[str] | None = None  # smdm module names; default qkv, proj, gate_up, down
+    lora_quantize: str | None = None  # LoRA: "4bit" (QLoRA's NF4) or "8bit" frozen base layers (bitsandbytes)
+    merge: bool = False  # LoRA: also write the merged weights as an smdm checkpoint in OUT/checkpoint
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -155,6 +178,14 @@ class TrainConfig:
             raise SmdmError("prompt_dropout must lie in [0, 1)")
         if self.prompt_dropout > 0 and self.objective not in ("mdm", "bdm"):
             raise SmdmError("prompt dropout trains classifier-free guidance, which only MDMs support")
+        if self.attention_anneal_steps < 0:
+            raise SmdmError("attention_anneal_steps must be at least 0")
+        if (self.adapt_shift is not None or self.attention_anneal_steps) and (
+                self.objective != "mdm" or not self.init_from):
+            raise SmdmError("--adapt-shift / --attention-anneal-steps adapt an ARM into an MDM: pass --objective mdm "
+                            "--init-from an ARM checkpoint or a Hugging Face Llama/Qwen2 directory")
+        check_lora_options(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets, self.merge,
+                           self.init_from, self.parallel, self.lora_quantize)
         objective = self.make_objective()
         if self.init_from is None and self.model.lower() in CONFIGS:  # before any data is written
             objective.check_context(CONFIGS[self.model.lower()].block_size)
@@ -300,22 +331,50 @@ class RunData:
 
 def starting_point(config: TrainConfig, objective: Objective, vocab_size: int) -> tuple[Checkpoint | None,
                                                                                        ModelConfig]:
-    """The weights to start from (--init-from, unless resuming) and the model config of the run."""
-    initial = load_checkpoint(config.init_from) if config.init_from and not config.resume else None
-    if initial is None:
+    """The weights to start from (--init-from, unless resuming) and the model config of the run.
+
+    An ARM starting an mdm run is adapted (smdm.adapt): same weights, bidirectional, shifted unless told otherwise.
+    """
+    if (config.init_from and config.resume and config.lora_rank is None
+            and _has_checkpoint(Path(config.out_dir) / "checkpoint")):
+        initial = None  # the run's own checkpoint holds the weights; --init-from still fixes the architecture
+        init_config, init_meta = _init_header(config.init_from)
+    elif config.init_from:
+        initial = load_checkpoint(config.init_from)
+        init_config, init_meta = initial.config, initial.meta
+    else:
         return None, ModelConfig.from_name(config.model, vocab_size=vocab_size)
-    if initial.config.vocab_size != vocab_size and not (
-            "source" in initial.meta and vocab_size <= initial.config.vocab_size):  # imported: padded embeddings
-        raise SmdmError(f"{config.init_from}: vocabulary {initial.config.vocab_size} != data's {vocab_size}")
-    family = initial.meta.get("objective", objective.name)
+    if init_config.vocab_size != vocab_size and not (
+            "source" in init_meta and vocab_size <= init_config.vocab_size):  # imported: padded embeddings
+        raise SmdmError(f"{config.init_from}: vocabulary {init_config.vocab_size} != data's {vocab_size}")
+    family = init_meta.get("objective", objective.name)
+    adapting = config.adapt_shift is not None or config.attention_anneal_steps > 0
+    if adapting and family != "arm":
+        raise SmdmError(f"{config.init_from}: an {family} checkpoint is not an ARM; --adapt-shift / "
+                        "--attention-anneal-steps adapt an ARM into an MDM")
+    if family == "arm" and objective.name == "mdm":
+        return initial, adapted_config(init_config, config.adapt_shift is not False)
     if family != objective.name:
         raise SmdmError(f"{config.init_from}: an {family} checkpoint cannot start an {objective.name} run; "
                         f"pass --objective {family}")
-    block = initial.meta.get("objective_options", {}).get("diffusion_block_size")
+    block = init_meta.get("objective_options", {}).get("diffusion_block_size")
     if block is not None and block != getattr(objective, "diffusion_block_size", None):
         raise SmdmError(f"{config.init_from}: a bdm checkpoint trained with block size {block} cannot start a run "
                         f"with --diffusion-block-size {objective.diffusion_block_size}")
-    return initial, initial.config
+    return initial, init_config
+
+
+def _init_header(path: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """Config and meta of --init-from without reading its weights (a resumed run reloads its own checkpoint)."""
+    from smdm.checkpoint import read_checkpoint_meta
+    from smdm.interop import is_model_dir, model_dir_config
+    from smdm.interop.loader import import_spec, read_record
+
+    if is_model_dir(path):
+        objective = import_spec(read_record(Path(path)), str(path))[3]
+        return model_dir_config(path), {"objective": objective, "source": {"path": str(path)}}
+    record = read_checkpoint_meta(path)
+    return ModelConfig.from_dict(record["model"]), {k: v for k, v in record.items() if k not in ("model", "format")}
 
 
 def load_run_data(config: TrainConfig, objective: Objective, model_config: ModelConfig, manifest: dict[str, Any],
@@ -368,6 +427,7 @@ class Run:
     resumed: bool = False
     last_lr: float = 0.0  # of the latest step, for the log
     last_grad_norm: Any = None
+    lora_record: dict[str, Any] | None = None  # a LoRA run: what OUT/adapter records (smdm.lora)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -386,8 +446,12 @@ class Run:
                         prompt_lengths=self.data.val_prompt_lengths)
 
     def save(self, step: int) -> None:
-        """Checkpoint weights, optimizer, data position and RNG. Gathering is collective; only rank 0 writes."""
-        weights = full_model_state(self.train_model)
+        """Checkpoint weights, optimizer, data position and RNG. Gathering is collective; only rank 0 writes.
+
+        A LoRA run writes its adapter (PEFT's format) and this state to OUT/adapter instead of the whole model.
+        """
+        lora = self.lora_record is not None
+        weights = None if lora else full_model_state(self.train_model)
         optimizer_state = full_optimizer_state(self.train_model, self.optimizer)
         if self.info.is_main:
             state = {
@@ -395,9 +459,12 @@ class Run:
                 "data": self.data.train.state_dict(), "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(), "world_size": self.info.world_size,
             }
-            save_checkpoint(self.checkpoint_dir, weights, self.model_config,
-                            {**self.meta, "step": step, "tokens": self.tokens_seen}, train_state=state,
-                            tokenizer_file=self.tokenizer_file)
+            if lora:
+                save_adapter(self.model, self.config.out_dir, self.lora_record, state)
+            else:
+                save_checkpoint(self.checkpoint_dir, weights, self.model_config,
+                                {**self.meta, "step": step, "tokens": self.tokens_seen}, train_state=state,
+                                tokenizer_file=self.tokenizer_file)
         if self.info.distributed:
             torch.distributed.barrier()
 
@@ -420,12 +487,15 @@ class Run:
                 tokens = random_length(tokens, config.random_length_prob, generator,
                                        min_length=self.objective.min_length()).to(device)
             last = micro == config.grad_accum - 1
+            model = self.train_model
+            anneal = annealed_attention_mask(tokens.size(1), step, config.attention_anneal_steps, config.seed, device)
+            if anneal is not None:  # ARM -> MDM adaptation, the first K steps only (smdm.adapt)
+                model = WithAttentionMask(model, anneal)
             with no_gradient_sync(self.train_model, self.strategy, last), autocast_context(device, config.dtype):
                 if prompt_lengths is None:
-                    loss = self.objective.loss(self.train_model, tokens, generator, self.model.mask_id)
+                    loss = self.objective.loss(model, tokens, generator, self.model.mask_id)
                 else:
-                    loss = self.objective.sft_loss(self.train_model, tokens, prompt_lengths, generator,
-                                                   self.model.mask_id)
+                    loss = self.objective.sft_loss(model, tokens, prompt_lengths, generator, self.model.mask_id)
                 (loss / config.grad_accum).backward()
             step_loss += loss.item() / config.grad_accum
             inputs += self.objective.targets(tokens, self.data.sft)
@@ -462,9 +532,15 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
                                   rows_per_step=config.batch_size * config.grad_accum * info.world_size)
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 100)
     checkpoint_dir = Path(config.out_dir) / "checkpoint"
-    train_state = _resume_state(config, objective, model_config, data, checkpoint_dir, model)
+    lora_record = None
+    if config.lora_rank is None:
+        train_state = _resume_state(config, objective, model_config, data, checkpoint_dir, model)
+    else:
+        train_state = None
     if train_state is None and initial is not None:
         model.load_state_dict(initial.model.state_dict())
+    if config.lora_rank is not None:  # the base stays frozen; only the adapter is trained (smdm.lora)
+        model, train_state, lora_record = _with_lora(config, objective, model_config, data, model, info.device)
 
     model.to(info.device).train()
     strategy = resolve_strategy(config.parallel, info)
@@ -474,8 +550,13 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
                                             else {}),
             "tokenizer": {k: data.tokenizer.get(k) for k in ("fingerprint", "vocab_size", "eos_id")},
             "non_embedding_params": n_params, "sft": sft}
+    if config.init_from and objective.name == "mdm" and _init_header(config.init_from)[1].get("objective") == "arm":
+        meta["adapted_from"] = adaptation_record(config.init_from, model_config.shifted,
+                                                 config.attention_anneal_steps)
+    if lora_record is not None:
+        meta["lora"] = lora_record["lora"]
     run = Run(config, info, objective, model_config, data, model, train_model, optimizer, strategy, total_steps,
-              warmup, meta, tokenizer_file)
+              warmup, meta, tokenizer_file, lora_record=lora_record)
     if train_state is not None:
         load_full_optimizer_state(train_model, optimizer, train_state["optimizer"])
         data.train.load_state_dict(train_state["data"])
@@ -483,6 +564,24 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
         random.setstate(train_state["python_rng"])
         run.start_step, run.tokens_seen, run.resumed = train_state["step"], train_state["tokens"], True
     return run
+
+
+def _with_lora(config: TrainConfig, objective: Objective, model_config: ModelConfig, data: RunData,
+               model: Transformer, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any] | None,
+                                                                  dict[str, Any]]:
+    """The PEFT model of a LoRA run, its adapter restored from OUT/adapter when resuming; (model, state, record)."""
+    if config.lora_quantize is not None:
+        quantize_base(model, config.lora_quantize, device)
+    settings = lora_config(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
+                           str(config.init_from))
+    record = {"base": str(config.init_from), "objective": objective.name, "model": model_config.to_dict(),
+              "tokenizer": data.tokenizer.get("fingerprint"),
+              "lora": {"rank": settings.r, "alpha": settings.lora_alpha, "dropout": settings.lora_dropout,
+                       "targets": sorted(settings.target_modules), "quantize": config.lora_quantize}}
+    if config.resume and has_adapter_state(config.out_dir):
+        state = read_adapter_state(config.out_dir, record)
+        return load_adapter(model, Path(config.out_dir) / ADAPTER_DIR, str(config.init_from)), state, record
+    return attach_lora(model, settings, str(config.init_from)), None, record
 
 
 def _resume_state(config: TrainConfig, objective: Objective, model_config: ModelConfig, data: RunData,
@@ -566,6 +665,13 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
             log.close()
     if run.start_step >= run.total_steps and val_loss is None:
         val_loss = run.evaluate()
+    if run.lora_record is not None and config.merge and end_step == run.total_steps and info.is_main:
+        base_state = None
+        if config.lora_quantize is not None:  # merge into the full-precision base, not its quantized copy
+            base_state = load_checkpoint(config.init_from).model.state_dict()
+        save_checkpoint(run.checkpoint_dir, merged_state(run.model, base_state), run.model_config,
+                        {**run.meta, "step": end_step, "tokens": run.tokens_seen, "lora_merged": True},
+                        tokenizer_file=run.tokenizer_file)
     return _write_summary(run, val_loss)
 
 
@@ -577,6 +683,11 @@ def _write_summary(run: Run, val_loss: float | None) -> dict[str, Any]:
         "flops": run.per_token_flops() * run.tokens_seen, "flops_count": run.config.flops_count,
         "final_val_loss": val_loss, "checkpoint": str(run.checkpoint_dir),
     }
+    if run.lora_record is not None:
+        summary["adapter"] = str(Path(run.config.out_dir) / ADAPTER_DIR)
+        summary["trainable_params"] = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        if not run.config.merge:
+            summary["checkpoint"] = None
     if run.info.is_main:
         (Path(run.config.out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
