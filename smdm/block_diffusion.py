@@ -321,7 +321,7 @@ def _setup_cache(model: Transformer, batch: int, max_len: int) -> None:
                                       device=param.device, dtype=param.dtype)
 
 
-def _block_logits(model: Transformer, x: torch.Tensor, rows: _Rows, settings: BlockSampler,
+def block_logits(model: Transformer, x: torch.Tensor, rows: _Rows, settings: BlockSampler,
                   fresh: int, end: int) -> torch.Tensor:
     """Logits (B, block, V) of the block ending at column `end`.
 
@@ -368,7 +368,7 @@ def block_sample(model: Transformer, prompts: list[list[int]], length: int, sett
             for step in range(settings.steps):
                 if not ((x[:, start:end] == mask_id) & writable[:, start:end]).any():
                     break  # threshold decoding (or a prompt tail) finished the block early
-                logits = _block_logits(model, x, rows, settings, fresh, end)
+                logits = block_logits(model, x, rows, settings, fresh, end)
                 passes += 1
                 fresh = start
                 x[:, start:end] = _denoise_block(logits, x[:, start:end], writable[:, start:end], mask_id, settings,

@@ -375,7 +375,7 @@ def _call(model: Transformer, idx: torch.Tensor, **inputs: torch.Tensor | Window
     return model(idx, **{name: value for name, value in inputs.items() if value is not None})
 
 
-class _DenoiserInputs:
+class DenoiserInputs:
     """The model batch of an MDM sampler: the sequences (and, with CFG, their prompt-masked copies)."""
 
     def __init__(self, batch: PromptBatch, total: int, mask_id: int, guided: bool) -> None:
@@ -395,7 +395,7 @@ class _DenoiserInputs:
         return torch.cat([x, x.masked_fill(self.prompt_mask, self.mask_id)])
 
 
-def _block_logits(model: Transformer, x: torch.Tensor, inputs: _DenoiserInputs, plan: Plan,
+def block_logits(model: Transformer, x: torch.Tensor, inputs: DenoiserInputs, plan: Plan,
                   window: WindowCache | None, start: int, end: int) -> torch.Tensor:
     """Logits (B, end - start, V) of the block, guided when cfg_scale is set; reuses the window cache once recorded."""
     rows = inputs.rows(x)
@@ -447,7 +447,7 @@ def _mdm_sample(model: Transformer, batch: PromptBatch, plan: Plan, generator: t
     total = batch.width + plan.length
     masks = torch.full((batch.tokens.size(0), plan.length), model.mask_id, device=batch.tokens.device)
     x = torch.cat([batch.tokens, masks], dim=1)
-    inputs = _DenoiserInputs(batch, total, model.mask_id, plan.cfg_scale is not None)
+    inputs = DenoiserInputs(batch, total, model.mask_id, plan.cfg_scale is not None)
     passes = step_index = 0
     for start in range(batch.width, total, plan.block_length):
         end = start + plan.block_length
@@ -457,7 +457,7 @@ def _mdm_sample(model: Transformer, batch: PromptBatch, plan: Plan, generator: t
         for step in range(plan.steps_per_block):
             if not (x[:, start:end] == model.mask_id).any():
                 break  # threshold decoding finished the block early
-            logits = _block_logits(model, x, inputs, plan, window, start, end)
+            logits = block_logits(model, x, inputs, plan, window, start, end)
             passes += 1
             x[:, start:end] = _denoise_step(logits, x[:, start:end], model.mask_id, plan, step, generator)
             if on_step is not None:
@@ -576,158 +576,3 @@ def generate_texts(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[s
                           settings=settings)
         for prompt, completion in zip(prompts[first:first + batch_size], result.completions):
             yield {"prompt": prompt, "completion": tokenizer.decode(completion), "tokens": len(completion)}
-
-
-# --- Infilling: [MASK] positions anywhere in the canvas --------------------------------------------------------------
-# An MDM predicts every masked position from both sides, so the masked positions need not follow the prompt: a prefix,
-# a suffix and any number of masked spans between given text are filled by the same reverse process. Blocks run over
-# the masked positions in reading order (block k of a row = its masked positions of rank kL..(k+1)L-1), so a plain
-# canvas (prompt, then `length` masks) gives exactly what `generate` gives. Rows may differ in mask counts, steps and
-# block lengths (the server batches requests of different max_tokens this way): a row finished with its blocks or
-# steps simply has nothing left to reveal while the others continue.
-
-
-@dataclass
-class Infill:
-    """What `infill` returns: the filled canvases and, per row, the filled ids in reading order."""
-
-    tokens: torch.Tensor  # (B, width): canvases left-padded to the longest one, [MASK] positions filled
-    canvas_lengths: list[int]
-    fills: list[list[int]]  # the ids written into each row's masked positions, left to right
-    forward_passes: int
-    width: int
-
-
-def _per_row(value: int | Sequence[int] | None, rows: int, name: str) -> list[int | None]:
-    """One setting for every row, or one per row (the server batches requests with different settings)."""
-    if value is None or isinstance(value, int):
-        return [value] * rows
-    values = list(value)
-    if len(values) != rows:
-        raise SmdmError(f"{name}: {len(values)} values for {rows} canvases")
-    return values
-
-
-class _CanvasInputs(_DenoiserInputs):
-    """The model batch of an infilling sampler: pads hidden on both sides, per-row positions, given text for CFG."""
-
-    def __init__(self, canvas: torch.Tensor, real: torch.Tensor, fill: torch.Tensor, mask_id: int,
-                 guided: bool) -> None:
-        copies = 2 if guided else 1
-        self.padded = not bool(real.all())
-        self.key_mask = real.repeat(copies, 1) if self.padded else None
-        self.positions = (real.long().cumsum(1) - 1).clamp_min(0).repeat(copies, 1)
-        self.prompt_mask = real & ~fill  # CFG's unconditional row hides every given token, on both sides
-        self.mask_id = mask_id
-        self.guided = guided
-
-
-def _infill_step(logits: torch.Tensor, block: torch.Tensor, current: torch.Tensor, mask_id: int, plan: Plan,
-                 steps_left: torch.Tensor, generator: torch.Generator | None, step: int = 0) -> torch.Tensor:
-    """One denoising step over the window, revealing only positions of the current block (`current`).
-
-    The same draws and choices as `_denoise_step`, with each row's own number of steps left.
-    """
-    masked = current & (block == mask_id)
-    if plan.remasking == "random":
-        draw = torch.rand(masked.shape, generator=generator).to(masked.device)
-        reveal = masked & (draw < 1.0 / steps_left[:, None])
-        return block.masked_scatter(reveal, sample_tokens(logits[reveal], plan.temperature, plan.top_p, generator))
-    candidates = logits[masked]
-    predicted = sample_tokens(candidates, plan.temperature, plan.top_p, generator)
-    chosen = candidates.float().gather(-1, predicted[:, None]).squeeze(-1)
-    confidence = torch.full(block.shape, -float("inf"), device=block.device)
-    confidence[masked] = (chosen - candidates.float().logsumexp(-1)).exp()
-    if plan.schedule in SCHEDULE_EPS:  # each row on its own number of steps per block
-        count = torch.stack([smdm_tokens_to_reveal(n[None], int(total - left), int(total),
-                                                   SCHEDULE_EPS[plan.schedule])[0]
-                             for n, left, total in zip(masked.sum(-1), steps_left, steps_left + step)])
-    else:
-        count = tokens_to_reveal(masked.sum(-1), steps_left)
-    reveal = reveal_low_confidence(confidence, masked, count, plan.threshold)
-    return torch.where(reveal, block.masked_scatter(masked, predicted), block)
-
-
-@torch.no_grad()
-def infill(model: Transformer, canvases: Sequence[Sequence[int]], steps: int | Sequence[int] | None = None,
-           temperature: float = 0.0, generator: torch.Generator | None = None,
-           on_step: StepCallback | None = None, *, remasking: Remasking = "low_confidence",
-           block_length: int | Sequence[int] | None = None, cfg_scale: float | None = None,
-           threshold: float | None = None, cache: str | None = None, top_p: float = 1.0,
-           eos_id: int | None = None, stop_at_eos: bool = False, schedule: str = "even") -> Infill:
-    """Fill the [MASK] (model.mask_id) positions of each canvas; given tokens are never changed.
-
-    Every option of `generate` applies, over each row's masked positions: `steps` (default: one per masked token)
-    and `block_length` (default: all of them) per row or one for all; CFG hides all given text in the
-    unconditional row; caches record the columns outside the current block's span. `stop_at_eos` ends a row whose
-    masks all trail its given text once a finished block holds an EOS (filled with EOS after it, as `generate`
-    does). on_step(step, tokens) sees the (B, width) grid after every step.
-    """
-    if model.causal:
-        raise SmdmError("infilling needs an MDM (it predicts masked positions from both sides); "
-                        "this checkpoint is an ARM, which only continues text left to right")
-    rows = [[int(i) for i in canvas] for canvas in canvases]
-    if not rows:
-        raise SmdmError("no canvases given")
-    mask_id, vocab = model.mask_id, model.config.vocab_size
-    counts = []
-    for row in rows:
-        if any(not (0 <= i < vocab or i == mask_id) for i in row):
-            raise SmdmError(f"canvas ids must lie in [0, {vocab}) or be the [MASK] id {mask_id}")
-        counts.append(row.count(mask_id))
-        if counts[-1] == 0:
-            raise SmdmError("a canvas has no [MASK] positions to fill")
-        if len(row) > model.config.block_size:
-            raise SmdmError(f"a canvas of {len(row)} tokens exceeds the block size {model.config.block_size}")
-    row_steps = _per_row(steps, len(rows), "steps")
-    row_blocks = _per_row(block_length, len(rows), "block_length")
-    plans = [make_plan(model, n, s, temperature, remasking=remasking, block_length=b, cfg_scale=cfg_scale,
-                       threshold=threshold, cache=cache, top_p=top_p, eos_id=eos_id, stop_at_eos=stop_at_eos,
-                       schedule=schedule)
-             for n, s, b in zip(counts, row_steps, row_blocks)]
-    plan = plans[0]
-    device = model.lm_head.weight.device
-    width = max(len(r) for r in rows)
-    x = torch.full((len(rows), width), eos_id if eos_id is not None else 0, dtype=torch.long)
-    real = torch.zeros(len(rows), width, dtype=torch.bool)
-    for b, row in enumerate(rows):
-        x[b, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        real[b, width - len(row):] = True
-    x, real = x.to(device), real.to(device)
-    fill = x == mask_id
-    fill &= real
-    inputs = _CanvasInputs(x, real, fill, mask_id, cfg_scale is not None)
-    rank = fill.long().cumsum(1) - 1  # a masked position's place among its row's masked positions
-    block_of = torch.where(fill, rank // torch.tensor([p.block_length for p in plans], device=device)[:, None], -1)
-    steps_per_block = torch.tensor([p.steps_per_block for p in plans], device=device)
-    trailing = [row.index(mask_id) + counts[i] == len(row) for i, row in enumerate(rows)]  # masks end the canvas
-    passes = step_index = 0
-    for k in range(max(p.num_blocks for p in plans)):
-        current = block_of == k
-        columns = current.any(0).nonzero().flatten()
-        if columns.numel() == 0:
-            continue
-        start, end = int(columns[0]), int(columns[-1]) + 1
-        window = None
-        if plan.cache != "none":
-            window = WindowCache(model.config.n_layer, start, end if plan.cache == "dual" else None)
-        here = current[:, start:end]
-        for step in range(int(steps_per_block.max())):
-            if not (here & (x[:, start:end] == mask_id)).any():
-                break  # threshold decoding (or every row's schedule) finished the block early
-            logits = _block_logits(model, x, inputs, plan, window, start, end)
-            passes += 1
-            steps_left = (steps_per_block - step).clamp_min(1)
-            x[:, start:end] = _infill_step(logits, x[:, start:end], here, mask_id, plan, steps_left, generator, step)
-            if on_step is not None:
-                on_step(step_index, x)
-            step_index += 1
-        if stop_at_eos:
-            for b in range(len(rows)):
-                done = fill[b] & (block_of[b] <= k)
-                if trailing[b] and (x[b][done] == eos_id).any():
-                    x[b][fill[b] & (x[b] == mask_id)] = eos_id  # nothing after this EOS can reach the completion
-            if not (fill & (x == mask_id)).any():
-                break
-    fills = [x[b][fill[b]].tolist() for b in range(len(rows))]
-    return Infill(x, [len(r) for r in rows], fills, passes, width)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from test_sample import tiny
 
+from smdm.infill import infill
 from smdm.model import Transformer
-from smdm.sample import generate, infill
+from smdm.sample import generate
 from smdm.serve.batcher import Batcher, BatcherConfig, Job, QueueFull, Row, Settings
 
 EOS = 0

@@ -13,9 +13,10 @@ from test_sample import VOCAB, ConfidenceByPosition, TablePredictor, revealed_pe
 
 from smdm import infill as markers
 from smdm.errors import SmdmError
+from smdm.infill import infill
 from smdm.likelihood import chain_rule_score, mc_score, score
 from smdm.model import Transformer
-from smdm.sample import generate, infill
+from smdm.sample import generate
 
 
 @pytest.fixture(scope="module")

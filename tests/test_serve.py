@@ -123,7 +123,7 @@ def test_mdm_batch_of_mixed_lengths_equals_alone(trained, mdm_server):
     for t in threads:
         t.join()
     loaded, tokenizer = load_for_inference(trained["mdm"], None, "cpu")
-    from smdm.sample import infill
+    from smdm.infill import infill
 
     for index, (prompt, max_tokens, suffix) in enumerate(prompts):
         if suffix is None:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from smdm.sample import generate, infill
+from smdm.infill import infill
+from smdm.sample import generate
 
 
 class QueueFull(Exception):
