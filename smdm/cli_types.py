@@ -34,6 +34,14 @@ def non_negative_int(text: str) -> int:
     return int(value)
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0 (any free port) to 65535."""
+    value = _number(text, int)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {value}")
+    return int(value)
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0 (nan, inf and negatives refused)."""
     value = _number(text, float)

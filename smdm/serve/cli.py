@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from smdm.cli_types import finite_float, port_number, positive_float, positive_int
 from smdm.errors import SmdmError
 
 API_KEY_ENV = "SMDM_API_KEY"
@@ -18,17 +19,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--checkpoint", required=True, help="any checkpoint `smdm sample` accepts (MDM or ARM)")
     p.add_argument("--tokenizer")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every endpoint but /health (or set {API_KEY_ENV})")
     p.add_argument("--name", help="the model id clients pass as `model` (default: the checkpoint directory's name)")
-    p.add_argument("--max-batch", type=int, default=16, help="rows per batched sampler call (1: no batching)")
-    p.add_argument("--batch-window-ms", type=float, default=2.0,
+    p.add_argument("--max-batch", type=positive_int, default=16, help="rows per batched sampler call (1: no batching)")
+    p.add_argument("--batch-window-ms", type=finite_float(0), default=2.0,
                    help="how long the oldest waiting request waits for others to batch with")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests; past it new ones get 429")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included (504 after)")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting requests; past it new ones get 429")
+    p.add_argument("--timeout", type=positive_float, default=300.0, help="seconds per request, queueing included (504 after)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_serve)
 
 
