@@ -42,7 +42,7 @@ from smdm.distributed import (
 )
 from smdm.errors import SmdmError
 from smdm.flops import FLOPS_COUNTS, device_peak_flops, flops_per_token, hardware_flops_per_token
-from smdm.model import Transformer
+from smdm.model import INITS, Transformer, smdm_init_
 from smdm.objectives import Objective, make_objective, objective_names
 
 
@@ -72,6 +72,9 @@ class TrainConfig:
     stop_after_steps: int | None = None  # end this job early (with a checkpoint); resume later: time-sliced jobs
     random_length_prob: float = 0.01  # fraction of batches cut to a random length
     low_discrepancy: bool = False  # stratified t across a batch for the MDM training loss
+    loss_weighting: str = "elbo"  # MDM training loss: "elbo" (1/t-weighted) or "ce" (Sahoo et al. 2026); val: ELBO
+    init: str = "gpt2"  # initial weights: "gpt2" (N(0, 0.02), scaled residual outputs) or "smdm" (SMDM's own)
+    max_unique_tokens: int | None = None  # train on the first U tokens of the split only, repeated (data-constrained)
     prompt_dropout: float = 0.0  # SFT, MDM: hide each example's whole prompt with this probability (standard CFG)
     eval_every: int = 100
     eval_blocks: int = 32  # validation blocks
@@ -113,8 +116,9 @@ class TrainConfig:
 
     def make_objective(self) -> Objective:
         """The family this run trains, with its options."""
+        recipe = {} if self.loss_weighting == "elbo" else {"loss_weighting": self.loss_weighting}
         return make_objective(self.objective, low_discrepancy=self.low_discrepancy,
-                              prompt_dropout=self.prompt_dropout)
+                              prompt_dropout=self.prompt_dropout, **recipe)
 
     def validate(self) -> None:
         """Refuse impossible settings before anything is read or written."""
@@ -148,6 +152,12 @@ class TrainConfig:
             raise SmdmError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.prompt_dropout < 1:
             raise SmdmError("prompt_dropout must lie in [0, 1)")
+        if self.init not in INITS:
+            raise SmdmError(f"unknown init {self.init!r}; use one of {', '.join(INITS)}")
+        if self.init != "gpt2" and self.init_from is not None:
+            raise SmdmError("--init draws weights from scratch; it cannot be combined with --init-from")
+        if self.max_unique_tokens is not None and self.max_unique_tokens < 1:
+            raise SmdmError("max_unique_tokens must be at least 1")
         if self.prompt_dropout > 0 and not self.objective == "mdm":
             raise SmdmError("prompt dropout trains classifier-free guidance, which only MDMs support")
         self.make_objective()
@@ -302,6 +312,8 @@ def starting_point(config: TrainConfig, objective: Objective, vocab_size: int) -
 def load_run_data(config: TrainConfig, objective: Objective, model_config: ModelConfig, manifest: dict[str, Any],
                   sft: bool, info: DistInfo) -> RunData:
     """Open the training stream (this rank's share) and the validation rows, checking lengths against the model."""
+    if sft and config.max_unique_tokens is not None:
+        raise SmdmError("--max-unique-tokens limits pre-training data; SFT rows are limited when preparing them")
     if sft:  # rows have the length fixed when the examples were prepared
         seq_len = int(manifest["seq_len"])
         if config.seq_len is not None and config.seq_len != seq_len:
@@ -322,7 +334,7 @@ def load_run_data(config: TrainConfig, objective: Objective, model_config: Model
     else:
         block_len = objective.block_length(seq_len)
         train_data = PackedDataset(config.data_dir, "train", seq_len=block_len, seed=config.seed,
-                                   rank=info.rank, world_size=info.world_size)
+                                   rank=info.rank, world_size=info.world_size, max_tokens=config.max_unique_tokens)
         val_blocks = PackedDataset(config.data_dir, "val", seq_len=block_len, shuffle=False).blocks(config.eval_blocks)
     return RunData(train_data, val_blocks, val_prompt_lengths, seq_len, sft, train_data.manifest.get("tokenizer", {}))
 
@@ -431,6 +443,8 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = Transformer(model_config, causal=objective.causal)
+    if config.init == "smdm":
+        smdm_init_(model)
     n_params = non_embedding_params(model_config)
     tokens_per_step = config.batch_size * config.grad_accum * data.seq_len * info.world_size
     total_steps = total_steps_for(config, tokens_per_step,
