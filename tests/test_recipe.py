@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from smdm.config import ModelConfig
 from smdm.data.packed import PackedDataset
 from smdm.diffusion import mask_probability, mdm_sft_step_loss, mdm_step_loss, sample_times
+from smdm.distributed import DistInfo
 from smdm.errors import SmdmError
 from smdm.model import Transformer, smdm_init_
 from smdm.objectives import make_objective
-from smdm.distributed import DistInfo
 from smdm.train import TrainConfig, build_run, train
 
 
