@@ -6,7 +6,7 @@
 #   nice -n 19 bash benchmarks/recipe_pilot.sh            # ~15 min per run on a busy shared core
 set -euo pipefail
 WORK=${WORK:-runs/recipe}
-STEPS=${STEPS:-400}
+STEPS=${STEPS:-300}
 EVAL=${EVAL:-25}
 SEEDS=${SEEDS:-"0 1"}
 SETTINGS=${SETTINGS:-"base smdm-init ce smdm-init+ce"}

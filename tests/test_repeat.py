@@ -118,3 +118,17 @@ def test_spec_errors_are_one_line(tmp_path, capsys):
     assert_one_line_error(code, err, "unknown keys ['epoch']")
     code, _, err = run_cli(capsys, "scale", "repeat", "fit", str(spec_file), "--out", str(tmp_path))
     assert_one_line_error(code, err, "not a repeat manifest")
+
+
+def test_isoflop_sweep_takes_a_recipe_per_family(tmp_path):
+    from smdm.scaling import SweepSpec, plan_sweep
+
+    spec = SweepSpec(name="s", data_dir="d", out_dir=str(tmp_path), models=["scale-18k", "scale-33k", "scale-74k"],
+                     budgets=[1e11], batch_size=16, seq_len=128,
+                     train_by_objective={"mdm": {"loss_weighting": "ce", "init": "smdm"}})
+    runs = plan_sweep(spec)
+    mdm = [r for r in runs if r.objective == "mdm"]
+    arm = [r for r in runs if r.objective == "arm"]
+    assert mdm and arm
+    assert all(r.train["loss_weighting"] == "ce" and r.train["init"] == "smdm" for r in mdm)
+    assert all("loss_weighting" not in r.train and "init" not in r.train for r in arm)
