@@ -382,7 +382,8 @@ def plot_repeat(points: list[RepeatPoint], report: dict[str, Any], out_dir: str 
                      fontsize=9)
         ax.set_xlabel("training FLOPs")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     axes[0][0].set_ylabel("best validation loss (nats/token; MDM: ELBO)")
     fig.tight_layout()
     written.append(out_dir / "loss_vs_compute.png")
@@ -408,7 +409,8 @@ def plot_repeat(points: list[RepeatPoint], report: dict[str, Any], out_dir: str 
         ax.set_xlabel("epochs over U")
         ax.set_title(f"{family.upper()}: data reuse (lines: fitted R_D*)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     axes[0][0].set_ylabel("best validation loss")
     fig.tight_layout()
     written.append(out_dir / "reuse.png")
