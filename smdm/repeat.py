@@ -357,6 +357,7 @@ def plot_repeat(points: list[RepeatPoint], report: dict[str, Any], out_dir: str 
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return []
     out_dir = Path(out_dir)
@@ -378,6 +379,7 @@ def plot_repeat(points: list[RepeatPoint], report: dict[str, Any], out_dir: str 
         if entry["crossover_flops"]:
             ax.axvline(entry["crossover_flops"], color="k", ls="--", lw=1, label="measured crossover")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"U = {entry['unique_tokens']:,} tokens (closed form C_crit {entry['paper_critical_flops']:.1e})",
                      fontsize=9)
         ax.set_xlabel("training FLOPs")
@@ -406,6 +408,7 @@ def plot_repeat(points: list[RepeatPoint], report: dict[str, Any], out_dir: str 
                                    fit["at_grid_edge"], fit["unit"])
                     ax.plot(grid, law.predict(np.full_like(grid, unique), grid), "-", color=line[0].get_color(), lw=1)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("epochs over U")
         ax.set_title(f"{family.upper()}: data reuse (lines: fitted R_D*)")
         ax.grid(alpha=0.3)
