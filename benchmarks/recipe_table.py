@@ -80,6 +80,8 @@ def plot(work: Path, unigram: float, out: Path) -> None:
                 label=f"{name} seed {seed}")
     ax.axhline(unigram, color="grey", ls=":", label="unigram entropy")
     ax.axhline(unigram - MARGIN, color="grey", ls="-.", lw=0.8, label="unigram - 0.3")
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(low, unigram - MARGIN - 0.02), max(high, unigram + 0.02))
     ax.set_xlabel("step")
     ax.set_ylabel("validation ELBO (nats/token)")
     ax.grid(alpha=0.3)
