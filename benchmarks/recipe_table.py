@@ -52,8 +52,8 @@ def _mean_sd(values: list[float]) -> str:
 
 def markdown(table: list[dict], unigram: float) -> str:
     """The table as it goes into docs/scaling.md."""
-    lines = [f"unigram entropy of the validation text {unigram:.3f} nats/token; plateau exit: first evaluation "
-             f"below {unigram - MARGIN:.3f}", "",
+    lines = [(f"unigram entropy of the validation text {unigram:.3f} nats/token; plateau exit: first evaluation "
+              f"below {unigram - MARGIN:.3f}"), "",
              "| setting | seeds | steps | final val ELBO | best val ELBO | steps to leave the plateau |",
              "|---|---|---|---|---|---|"]
     for row in table:
