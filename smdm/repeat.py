@@ -10,7 +10,8 @@ Language Models are Super Data Learners", arXiv 2511.03276):
 - the best-so-far frontier per family and U, and the crossover compute beyond which the MDM frontier stays below
   the ARM's, measured per U (all sizes) and per (U, model size) (Ni et al.: earlier for larger models);
 - the paper's closed-form critical compute C_crit(U) = 2.12e15 · U^2.174 FLOPs with U in millions of unique tokens,
-  for comparison (their fit at 7M-2.5B parameters; at CPU scale it is an extrapolation far outside its range);
+  for comparison (coefficients as recalled from the paper, not re-read: check them against its PDF; at CPU scale it
+  is an extrapolation far outside the range it was fitted on);
 - the data-reuse half-life R_D* of each family, fitted as they do with Muennighoff et al. 2023's effective data
   D' = U + U·R_D*·(1 - exp(-R_D/R_D*)), R_D = epochs - 1 repetitions, in L = E + B / D'^beta (per family and
   model size, jointly over U). They report R_D* ≈ 500 epochs for diffusion and ≈ 15 for AR.
@@ -33,8 +34,8 @@ from smdm.objectives import make_objective, objective_names
 from smdm.scaling import PlannedRun
 
 MANIFEST_FORMAT = "smdm-repeat-manifest-1"
-# Prabhudesai et al. 2025: C_crit(U) = 2.12e15 · U^2.174, U in millions of unique tokens (their Fig. "critical
-# compute"; 1e19-1e21 FLOPs over their 25M-100M-token range, which fixes the unit).
+# Prabhudesai et al. 2025: C_crit(U) = 2.12e15 · U^2.174, U in millions of unique tokens. As recalled from the paper
+# (the search corpus held only its first page): to be checked against the PDF before results are read against it.
 PAPER_CRIT_COEFF, PAPER_CRIT_EXPONENT = 2.12e15, 2.174
 PAPER_HALF_LIFE = {"mdm": 500.0, "arm": 15.0}  # R_D* in epochs, as they report
 
