@@ -59,6 +59,7 @@ _TRAIN_OPTIONS = {
     "save_every": (positive_int, "steps between checkpoints"),
     "log_every": (positive_int, "steps between metrics rows"),
     "seed": (non_negative_int, "seed of the data order, masks and initial weights"),
+    "max_unique_tokens": (positive_int, "train on the split's first N tokens only, repeated (data-constrained)"),
 }
 
 
@@ -95,6 +96,10 @@ def _add_train_args(parser: argparse.ArgumentParser, sft: bool = False) -> None:
                             help=f"{text} ({getattr(defaults, name)})")
     parser.add_argument("--threads", type=positive_int, default=unset, help="torch CPU threads")
     parser.add_argument("--low-discrepancy", action="store_true", default=unset, help="MDM: stratified t per batch")
+    parser.add_argument("--loss-weighting", choices=["elbo", "ce"], default=unset,
+                        help="MDM training loss: 1/t-weighted ELBO, or Sahoo et al.'s unweighted CE (validation: ELBO)")
+    parser.add_argument("--init", choices=["gpt2", "smdm"], default=unset,
+                        help="initial weights: GPT-2 style, or SMDM's (std sqrt(2/5d), outputs 1/sqrt(d)/L)")
     parser.add_argument("--stop-after-steps", type=positive_int, default=unset,
                         help="stop early with a checkpoint (time-sliced jobs)")
     parser.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"], default=unset,

@@ -14,6 +14,11 @@ import torch
 import torch.nn.functional as F
 
 MASK_EPS = 1e-3
+# Training-loss weightings of the masked tokens' cross-entropy. "elbo": 1/p(t), the bound itself (Nie et al. 2025,
+# Eq. 3). "ce": no weight, Sahoo et al. 2026 (arXiv 2602.15014, "a simple cross-entropy objective", ~12% more
+# FLOPs-efficient): their code (s-sahoo/scaling-dllms, `loss_type=low_var`, MDLM.nll_per_token) drops the
+# -alpha'_t/(1-alpha_t) = 1/t factor in training only and still validates with the ELBO.
+LOSS_WEIGHTINGS = ("elbo", "ce")
 
 
 def sample_times(batch_size: int, generator: torch.Generator | None = None, low_discrepancy: bool = False) -> torch.Tensor:
@@ -52,6 +57,11 @@ def masked_weighted_ce(masked_logits: torch.Tensor, targets: torch.Tensor, maske
     return (token_ce / mask_prob.to(masked_logits.device)[rows]).sum()
 
 
+def masked_ce(masked_logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """sum over masked positions of the plain CE (Sahoo et al.'s "simple cross-entropy"): no 1/p weight."""
+    return F.cross_entropy(masked_logits.float(), targets[masked], reduction="sum")
+
+
 def arm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; logits[:, i] predicts targets[:, i]."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
@@ -71,16 +81,20 @@ def predicted_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.T
 
 
 def mdm_step_loss(model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator | None = None,
-                  low_discrepancy: bool = False, eps: float = MASK_EPS, mask_id: int | None = None) -> torch.Tensor:
+                  low_discrepancy: bool = False, eps: float = MASK_EPS, mask_id: int | None = None,
+                  weighting: str = "elbo") -> torch.Tensor:
     """One Monte-Carlo draw of the MDM loss for a batch of clean token blocks.
 
     `mask_id` defaults to `model.mask_id`; pass it when `model` is a wrapper (DDP) that hides the attribute.
+    `weighting` "ce" drops the 1/p(t) weight (Sahoo et al. 2026): same masks, same normaliser B·L, no bound.
     """
     t = sample_times(tokens.size(0), generator, low_discrepancy)
     mask_prob = mask_probability(t, eps)
     noisy, masked = forward_process(tokens, mask_prob, model.mask_id if mask_id is None else mask_id, generator,
                                     maskable=predicted_positions(model, tokens))
     # Only masked positions carry loss, so the output head runs only there (same value and gradients).
+    if weighting == "ce":
+        return masked_ce(model(noisy, select=masked), tokens, masked) / tokens.numel()
     return masked_weighted_ce(model(noisy, select=masked), tokens, masked, mask_prob) / tokens.numel()
 
 
@@ -113,13 +127,14 @@ def response_positions(prompt_lengths: torch.Tensor, length: int) -> torch.Tenso
 def mdm_sft_step_loss(model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
                       generator: torch.Generator | None = None, prompt_dropout: float = 0.0,
                       low_discrepancy: bool = False, eps: float = MASK_EPS,
-                      mask_id: int | None = None) -> torch.Tensor:
+                      mask_id: int | None = None, weighting: str = "elbo") -> torch.Tensor:
     """One draw of the SFT loss: only response tokens are masked; each row's sum of CE/p is divided by its response
     length (so long answers do not dominate), then averaged over rows.
 
     prompt_dropout: each row's whole prompt is replaced by [MASK] independently with this probability — standard
     classifier-free-guidance training (the unconditional model is the same network with the prompt hidden). The
     dropped prompt is still never a target. 0 keeps the paper's *unsupervised* CFG setting.
+    weighting "ce": no 1/p(t) weight (Sahoo et al. 2026), the per-row 1/response-length normaliser stays.
     """
     mask_id = model.mask_id if mask_id is None else mask_id
     batch, length = tokens.shape
@@ -137,7 +152,10 @@ def mdm_sft_step_loss(model: torch.nn.Module, tokens: torch.Tensor, prompt_lengt
     response_length = (length - prompt_lengths).clamp_min(1).double()
     rows = masked.nonzero()[:, 0]
     token_ce = F.cross_entropy(model(noisy, select=masked).float(), tokens[masked], reduction="none")
-    weights = 1.0 / (mask_prob.to(tokens.device).double()[rows] * response_length[rows])
+    if weighting == "ce":
+        weights = 1.0 / response_length[rows]
+    else:
+        weights = 1.0 / (mask_prob.to(tokens.device).double()[rows] * response_length[rows])
     return (token_ce * weights.float()).sum() / batch
 
 

@@ -345,3 +345,21 @@ class Transformer(nn.Module):
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
             block.attn.kv_cache = None
+
+
+INITS = ("gpt2", "smdm")  # `Transformer` itself draws the GPT-2 one; `smdm_init_` redraws the paper code's
+
+
+@torch.no_grad()
+def smdm_init_(model: Transformer) -> None:
+    """Redraw `model`'s weights as ML-GSAI/SMDM does (lit_gpt/diffmodel.py `_init_weights`, applied by
+    pretrain/train_mdm.py): every embedding and linear weight ~ N(0, 2/(5d)) (GPT-NeoX's "small init"), then the
+    residual branches' output projections (attention `proj`, SwiGLU `down` = SMDM's `w3`) ~ N(0, (1/(sqrt(d)·L))^2).
+    Norm gains stay 1. The head is a plain linear layer there too, so it gets the small init."""
+    d, layers = model.config.n_embd, model.config.n_layer
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=math.sqrt(2.0 / (5 * d)))
+    for block in model.blocks:
+        for layer in (block.attn.proj, block.mlp.down):
+            nn.init.normal_(layer.weight, mean=0.0, std=1.0 / math.sqrt(d) / layers)

@@ -15,7 +15,14 @@ from typing import Any, ClassVar
 import torch
 
 from smdm.block_diffusion import bdm_sft_step_loss, bdm_step_loss, check_block_size, check_time_range
-from smdm.diffusion import MASK_EPS, arm_sft_step_loss, arm_step_loss, mdm_sft_step_loss, mdm_step_loss
+from smdm.diffusion import (
+    LOSS_WEIGHTINGS,
+    MASK_EPS,
+    arm_sft_step_loss,
+    arm_step_loss,
+    mdm_sft_step_loss,
+    mdm_step_loss,
+)
 from smdm.errors import SmdmError
 
 
@@ -96,21 +103,33 @@ class Autoregressive(Objective):
 @dataclass(frozen=True)
 class MaskedDiffusion(Objective):
     """The MDM's ELBO (Nie et al. 2025, Eq. 3); `low_discrepancy` stratifies t across a batch, `prompt_dropout`
-    hides whole prompts in SFT (standard CFG training)."""
+    hides whole prompts in SFT (standard CFG training), `loss_weighting` "ce" trains on the unweighted masked
+    cross-entropy (Sahoo et al. 2026) while validation stays the true ELBO."""
 
     name: ClassVar[str] = "mdm"
     causal: ClassVar[bool] = False
     low_discrepancy: bool = False
     prompt_dropout: float = 0.0
+    loss_weighting: str = "elbo"
+
+    def __post_init__(self) -> None:
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise SmdmError(f"unknown loss weighting {self.loss_weighting!r}; use one of {', '.join(LOSS_WEIGHTINGS)}")
 
     def loss(self, model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator,
              mask_id: int) -> torch.Tensor:
-        return mdm_step_loss(model, tokens, generator, self.low_discrepancy, mask_id=mask_id)
+        return mdm_step_loss(model, tokens, generator, self.low_discrepancy, mask_id=mask_id,
+                             weighting=self.loss_weighting)
 
     def sft_loss(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
                  generator: torch.Generator, mask_id: int) -> torch.Tensor:
         return mdm_sft_step_loss(model, tokens, prompt_lengths, generator, self.prompt_dropout,
-                                 self.low_discrepancy, mask_id=mask_id)
+                                 self.low_discrepancy, mask_id=mask_id, weighting=self.loss_weighting)
+
+    def options(self) -> dict[str, Any]:
+        # Only a non-default weighting is recorded, so checkpoints of the default recipe are unchanged and a resume
+        # cannot silently switch the training loss.
+        return {} if self.loss_weighting == "elbo" else {"loss_weighting": self.loss_weighting}
 
     def validation_draws(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor | None,
                          draws: int, seed: int) -> Iterator[torch.Tensor]:

@@ -58,6 +58,8 @@ class SweepSpec:
     checkpoints_per_run: int = 10  # a killed run loses at most 1/this of its work
     seed: int = 0
     train: dict[str, Any] = field(default_factory=dict)  # further TrainConfig fields, e.g. {"weight_decay": 0.1}
+    # per-family TrainConfig fields, e.g. {"mdm": {"loss_weighting": "ce", "init": "smdm"}}: each family's own recipe
+    train_by_objective: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_file(cls, path: str | Path) -> SweepSpec:
@@ -163,6 +165,7 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
                     "eval_every": steps, "eval_blocks": spec.eval_blocks, "eval_mc_samples": spec.eval_mc_samples,
                     "save_every": save_every,
                     "log_every": max(1, steps // 50), "seed": spec.seed, **spec.train,
+                    **spec.train_by_objective.get(objective, {}),
                 }
                 runs.append(PlannedRun(
                     name=name, objective=objective, model=config.name, budget=budget,

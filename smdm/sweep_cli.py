@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from smdm.cli_types import non_negative_int, positive_int
+from smdm.repeat_cli import add_repeat_parser
 
 
 def cmd_scale(args: argparse.Namespace) -> None:
@@ -75,3 +76,4 @@ def add_scale_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--data", help="data directory on the cluster (default: the spec's)")
     s.add_argument("--out", help="write here instead of printing")
     p.set_defaults(func=cmd_scale)
+    add_repeat_parser(scale)

@@ -56,7 +56,7 @@ from smdm.lora import (
     read_adapter_state,
     save_adapter,
 )
-from smdm.model import Transformer
+from smdm.model import INITS, Transformer, smdm_init_
 from smdm.objectives import Objective, make_objective, objective_names
 
 
@@ -86,6 +86,9 @@ class TrainConfig:
     stop_after_steps: int | None = None  # end this job early (with a checkpoint); resume later: time-sliced jobs
     random_length_prob: float = 0.01  # fraction of batches cut to a random length
     low_discrepancy: bool = False  # stratified t across a batch for the MDM training loss
+    loss_weighting: str = "elbo"  # MDM training loss: "elbo" (1/t-weighted) or "ce" (Sahoo et al. 2026); val: ELBO
+    init: str = "gpt2"  # initial weights: "gpt2" (N(0, 0.02), scaled residual outputs) or "smdm" (SMDM's own)
+    max_unique_tokens: int | None = None  # train on the first U tokens of the split only, repeated (data-constrained)
     prompt_dropout: float = 0.0  # SFT, MDM: hide each example's whole prompt with this probability (standard CFG)
     diffusion_block_size: int | None = None  # bdm: tokens per diffusion block (BD3-LM); must divide seq_len
     mask_rate_min: float | None = None  # bdm: clipped masking-rate range for training (BD3-LM), default [1e-3, 1]
@@ -140,9 +143,10 @@ class TrainConfig:
 
     def make_objective(self) -> Objective:
         """The family this run trains, with its options."""
+        recipe = {} if self.loss_weighting == "elbo" else {"loss_weighting": self.loss_weighting}
         return make_objective(self.objective, low_discrepancy=self.low_discrepancy,
                               prompt_dropout=self.prompt_dropout, diffusion_block_size=self.diffusion_block_size,
-                              mask_rate_min=self.mask_rate_min, mask_rate_max=self.mask_rate_max)
+                              mask_rate_min=self.mask_rate_min, mask_rate_max=self.mask_rate_max, **recipe)
 
     def validate(self) -> None:
         """Refuse impossible settings before anything is read or written."""
@@ -176,6 +180,12 @@ class TrainConfig:
             raise SmdmError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.prompt_dropout < 1:
             raise SmdmError("prompt_dropout must lie in [0, 1)")
+        if self.init not in INITS:
+            raise SmdmError(f"unknown init {self.init!r}; use one of {', '.join(INITS)}")
+        if self.init != "gpt2" and self.init_from is not None:
+            raise SmdmError("--init draws weights from scratch; it cannot be combined with --init-from")
+        if self.max_unique_tokens is not None and self.max_unique_tokens < 1:
+            raise SmdmError("max_unique_tokens must be at least 1")
         if self.prompt_dropout > 0 and self.objective not in ("mdm", "bdm"):
             raise SmdmError("prompt dropout trains classifier-free guidance, which only MDMs support")
         if self.attention_anneal_steps < 0:
@@ -380,6 +390,8 @@ def _init_header(path: str) -> tuple[ModelConfig, dict[str, Any]]:
 def load_run_data(config: TrainConfig, objective: Objective, model_config: ModelConfig, manifest: dict[str, Any],
                   sft: bool, info: DistInfo) -> RunData:
     """Open the training stream (this rank's share) and the validation rows, checking lengths against the model."""
+    if sft and config.max_unique_tokens is not None:
+        raise SmdmError("--max-unique-tokens limits pre-training data; SFT rows are limited when preparing them")
     if sft:  # rows have the length fixed when the examples were prepared
         seq_len = int(manifest["seq_len"])
         if config.seq_len is not None and config.seq_len != seq_len:
@@ -400,7 +412,7 @@ def load_run_data(config: TrainConfig, objective: Objective, model_config: Model
     else:
         block_len = objective.block_length(seq_len)
         train_data = PackedDataset(config.data_dir, "train", seq_len=block_len, seed=config.seed,
-                                   rank=info.rank, world_size=info.world_size)
+                                   rank=info.rank, world_size=info.world_size, max_tokens=config.max_unique_tokens)
         val_blocks = PackedDataset(config.data_dir, "val", seq_len=block_len, shuffle=False).blocks(config.eval_blocks)
     return RunData(train_data, val_blocks, val_prompt_lengths, seq_len, sft, train_data.manifest.get("tokenizer", {}))
 
@@ -523,6 +535,8 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = Transformer(model_config, causal=objective.causal)
+    if config.init == "smdm":
+        smdm_init_(model)
     n_params = non_embedding_params(model_config)
     tokens_per_step = config.batch_size * config.grad_accum * data.seq_len * info.world_size
     total_steps = total_steps_for(config, tokens_per_step,

@@ -59,7 +59,10 @@ class PackedDataset:
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
+        max_tokens: int | None = None,
     ) -> None:
+        """`max_tokens` keeps only the split's first tokens (the unique data U of a data-constrained run, repeated
+        epoch after epoch); whole blocks only, so U = n_blocks x seq_len tokens are ever read."""
         if seq_len < 1:
             raise SmdmError(f"seq_len must be positive, got {seq_len}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -73,6 +76,11 @@ class PackedDataset:
         self.eos_id = int(tok["eos_id"])
         self._arrays, self._ends = _open_shards(self.data_dir, self.manifest, split)
         self.total_tokens = int(self._ends[-1]) if len(self._ends) else 0
+        if max_tokens is not None:
+            if not 1 <= max_tokens <= self.total_tokens:
+                raise SmdmError(f"{self.data_dir}: cannot keep {max_tokens} unique tokens of split {split!r}, which "
+                                f"has {self.total_tokens}")
+            self.total_tokens = int(max_tokens)
         self.n_blocks = self.total_tokens // self.seq_len
         if self.n_blocks == 0:
             raise SmdmError(

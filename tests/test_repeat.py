@@ -1,0 +1,134 @@
+"""The data-constrained study: planning, frontiers and crossovers, the reuse half-life fit, and one tiny study end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from smdm.errors import SmdmError
+from smdm.repeat import (
+    RepeatSpec,
+    best_so_far,
+    crossover_compute,
+    effective_data,
+    fit_reuse_half_life,
+    paper_critical_compute,
+    plan_repeat,
+)
+
+
+def _synthetic(half_life: float, epochs: list[float], uniques=(1e5, 4e5), e=2.0, b=3.0, beta=0.4):
+    u = np.repeat(np.array(uniques), len(epochs))
+    ep = np.tile(np.array(epochs, dtype=float), len(uniques))
+    loss = e + b * (effective_data(u, ep, half_life) / max(uniques)) ** -beta
+    return u.tolist(), ep.tolist(), loss.tolist()
+
+
+@pytest.mark.parametrize(("half_life", "max_epochs"), [(15.0, 256), (500.0, 8192)])
+def test_reuse_fit_recovers_a_known_half_life(half_life, max_epochs):
+    epochs = [2.0 ** k for k in range(int(math.log2(max_epochs)) + 1)]
+    fit = fit_reuse_half_life(*_synthetic(half_life, epochs))
+    assert fit.half_life == pytest.approx(half_life, rel=0.05)
+    assert fit.beta == pytest.approx(0.4, abs=0.03)
+    assert fit.irreducible == pytest.approx(2.0, abs=0.05)
+    assert not fit.at_grid_edge and fit.rmse < 1e-3
+
+
+def test_reuse_fit_reports_a_bound_when_repetition_never_decays():
+    u, ep, _ = _synthetic(15.0, [1, 2, 4, 8, 16])
+    loss = [2.0 + 3.0 * (uu * ee / 4e5) ** -0.4 for uu, ee in zip(u, ep, strict=True)]  # every epoch as good as new
+    fit = fit_reuse_half_life(u, ep, loss)
+    assert fit.at_grid_edge and fit.half_life == pytest.approx(1e4)
+    with pytest.raises(SmdmError, match="at least 4 runs"):
+        fit_reuse_half_life([1e5] * 3, [1, 2, 4], [3.0, 2.9, 2.8])
+
+
+def test_best_so_far_and_crossover():
+    arm = [(1, 4.0), (2, 3.0), (4, 3.5), (8, 5.0)]  # overfits after its best: the frontier keeps 3.0
+    mdm = [(1, 5.0), (2, 4.0), (4, 3.2), (8, 2.9)]
+    assert best_so_far(arm) == [(1, 4.0), (2, 3.0), (4, 3.0), (8, 3.0)]
+    assert crossover_compute(mdm, arm) == 8
+    assert crossover_compute(mdm, [*arm, (16, 2.5)]) is None  # the ARM gets ahead again: no lasting crossover
+    assert crossover_compute([(0.5, 1.0)], arm) == 0.5  # below from the start (before any ARM run)
+    assert crossover_compute(mdm, []) is None
+
+
+def test_paper_critical_compute_units():
+    assert paper_critical_compute(1e6) == pytest.approx(2.12e15)
+    assert paper_critical_compute(100e6) == pytest.approx(2.12e15 * 100 ** 2.174)
+
+
+def _spec(tmp_path, data_dir, **overrides) -> RepeatSpec:
+    settings = {"name": "t", "data_dir": str(data_dir), "out_dir": str(tmp_path / "runs"), "unique_tokens": [330],
+                "epochs": [1, 3], "models": ["tiny-test"], "seq_len": 32, "batch_size": 4, "eval_blocks": 2,
+                "eval_mc_samples": 1, "evals_per_run": 2, "train": {"random_length_prob": 0.0},
+                "train_by_objective": {"mdm": {"loss_weighting": "ce"}}}
+    settings.update(overrides)
+    return RepeatSpec(**settings)
+
+
+def test_plan_covers_every_combination_with_epoch_budgets(tmp_path):
+    spec = _spec(tmp_path, tmp_path, unique_tokens=[330, 660], epochs=[1, 2.5, 4], models=["tiny-test", "tiny-1m"])
+    runs = plan_repeat(spec, available_tokens=1000)
+    assert len(runs) == 2 * 3 * 2 * 2
+    by_name = {r.name: r for r in runs}
+    mdm, arm = by_name["mdm-tiny-test-U660-e2.5"], by_name["arm-tiny-test-U660-e2.5"]
+    assert mdm.steps == math.ceil(2.5 * (660 // 32) / 4) and arm.steps == math.ceil(2.5 * (660 // 33) / 4)
+    assert mdm.train["max_unique_tokens"] == 660 and mdm.train["max_steps"] == mdm.steps
+    assert mdm.train["loss_weighting"] == "ce" and "loss_weighting" not in arm.train
+    assert mdm.flops == mdm.tokens * mdm.flops_per_token["attention"]
+    with pytest.raises(SmdmError, match="has only 500"):
+        plan_repeat(spec, available_tokens=500)
+    with pytest.raises(SmdmError, match="unknown objective"):
+        plan_repeat(_spec(tmp_path, tmp_path, objectives=["gpt"]))
+
+
+def test_tiny_study_end_to_end(toy_data, tmp_path, capsys):
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(vars(_spec(tmp_path, toy_data))))
+    manifest = tmp_path / "manifest.json"
+    code, out, err = run_cli(capsys, "scale", "repeat", "plan", str(spec_file), "--out", str(manifest))
+    assert code == 0, err
+    assert "4 runs" in out
+    code, out, err = run_cli(capsys, "scale", "repeat", "run", str(manifest), "--threads", "1", "--no-progress")
+    assert code == 0, err
+    config = json.loads((tmp_path / "runs" / "mdm-tiny-test-U330-e3" / "train_config.json").read_text())
+    assert config["max_unique_tokens"] == 330 and config["loss_weighting"] == "ce"
+    code, out, err = run_cli(capsys, "scale", "repeat", "fit", str(manifest), "--out", str(tmp_path / "fit"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "fit" / "repeat.json").read_text())
+    assert len(report["points"]) == 4 and report["per_unique"][0]["unique_tokens"] == 330
+    assert all(p["best_loss"] <= p["final_loss"] for p in report["points"])
+    assert (tmp_path / "fit" / "loss_vs_compute.png").is_file() and (tmp_path / "fit" / "reuse.png").is_file()
+    assert "closed-form C_crit" in out
+    # a rerun skips the finished runs
+    code, out, err = run_cli(capsys, "scale", "repeat", "run", str(manifest), "--no-progress")
+    assert code == 0 and "0 trained, 4 already finished" in out, out
+
+
+def test_spec_errors_are_one_line(tmp_path, capsys):
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"name": "t", "data_dir": "d", "out_dir": "o", "unique_tokens": [10],
+                                     "epochs": [1], "models": ["tiny-test"], "epoch": 3}))
+    code, _, err = run_cli(capsys, "scale", "repeat", "plan", str(spec_file), "--out", str(tmp_path / "m.json"))
+    assert_one_line_error(code, err, "unknown keys ['epoch']")
+    code, _, err = run_cli(capsys, "scale", "repeat", "fit", str(spec_file), "--out", str(tmp_path))
+    assert_one_line_error(code, err, "not a repeat manifest")
+
+
+def test_isoflop_sweep_takes_a_recipe_per_family(tmp_path):
+    from smdm.scaling import SweepSpec, plan_sweep
+
+    spec = SweepSpec(name="s", data_dir="d", out_dir=str(tmp_path), models=["scale-18k", "scale-33k", "scale-74k"],
+                     budgets=[1e11], batch_size=16, seq_len=128,
+                     train_by_objective={"mdm": {"loss_weighting": "ce", "init": "smdm"}})
+    runs = plan_sweep(spec)
+    mdm = [r for r in runs if r.objective == "mdm"]
+    arm = [r for r in runs if r.objective == "arm"]
+    assert mdm and arm
+    assert all(r.train["loss_weighting"] == "ce" and r.train["init"] == "smdm" for r in mdm)
+    assert all("loss_weighting" not in r.train and "init" not in r.train for r in arm)
