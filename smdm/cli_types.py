@@ -98,3 +98,19 @@ def add_length_and_sampler_args(p: argparse.ArgumentParser, length: int | None, 
 
     p.add_argument("--length", type=positive_int, default=length, help=help_length)
     add_sampler_args(p, skip=skip)
+
+
+def add_plan_and_run_parsers(sub: argparse._SubParsersAction, what: str, example: str) -> None:
+    """`plan SPEC --out MANIFEST` and `run MANIFEST [--jobs ...]`: shared by IsoFLOP sweeps and repeat studies,
+    whose runs are the same ordinary resumable training runs."""
+    s = sub.add_parser("plan", help=f"turn a {what} spec (JSON) into a manifest of training runs")
+    s.add_argument("spec", help=f"e.g. {example}")
+    s.add_argument("--out", required=True, help="manifest to write")
+    s = sub.add_parser("run", help="train the manifest's unfinished runs (resumes killed ones)")
+    s.add_argument("manifest")
+    s.add_argument("--jobs", type=positive_int, default=1, help="training processes at once")
+    s.add_argument("--threads", type=positive_int, default=None, help="torch threads per process")
+    s.add_argument("--only", nargs="+", help="run names to train (default: all)")
+    s.add_argument("--data", help="override the spec's data directory")
+    s.add_argument("--stop-after-steps", type=positive_int, help="end each run early with a checkpoint (time slices)")
+    s.add_argument("--no-progress", action="store_true")

@@ -12,6 +12,30 @@ from pathlib import Path
 from smdm.errors import SmdmError
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files, no display), or None where matplotlib is not installed: every
+    figure of smdm is optional, its numbers are always written as JSON too."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(figure, path: str | Path) -> Path:
+    """Lay out, write as a 120-dpi PNG and close a figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """(training rows, validation rows) of a run's metrics.jsonl."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -62,13 +86,9 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "steps") -> Path
         key = "step" if x == "steps" else "tokens"
         curves.append((_label(run), [r[key] * scale for r in train_rows], [r["loss"] for r in train_rows],
                        [r[key] * scale for r in val_rows], [r["val_loss"] for r in val_rows]))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SmdmError("smdm plot needs matplotlib: pip install 'smdm[plot]'") from None
+    plt = pyplot()
+    if plt is None:
+        raise SmdmError("smdm plot needs matplotlib: pip install 'smdm[plot]'")
     figure, axes = plt.subplots(figsize=(8, 5))
     for index, (label, tx, ty, vx, vy) in enumerate(curves):
         color = f"C{index}"
@@ -83,7 +103,4 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "steps") -> Path
     axes.legend(fontsize=8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(out, dpi=120)
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)

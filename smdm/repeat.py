@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from smdm.config import ModelConfig, non_embedding_params
 from smdm.errors import SmdmError
 from smdm.flops import FLOPS_COUNTS, flops_per_token
 from smdm.objectives import make_objective, objective_names
-from smdm.scaling import PlannedRun
+from smdm.scaling import PlannedRun, read_json_object, read_spec_fields
 
 MANIFEST_FORMAT = "smdm-repeat-manifest-1"
 # Prabhudesai et al. 2025: C_crit(U) = 2.12e15 · U^2.174, U in millions of unique tokens. As recalled from the paper
@@ -68,16 +68,8 @@ class RepeatSpec:
     @classmethod
     def from_file(cls, path: str | Path) -> RepeatSpec:
         """Read a JSON spec; unknown keys are an error."""
-        data = _read_json(Path(path))
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SmdmError(f"{path}: unknown keys {unknown}; known: {', '.join(sorted(known))}")
-        missing = sorted(k for k in ("name", "data_dir", "out_dir", "unique_tokens", "epochs", "models")
-                         if k not in data)
-        if missing:
-            raise SmdmError(f"{path}: missing keys {missing}")
-        return cls(**data)
+        return cls(**read_spec_fields(cls, path, ("name", "data_dir", "out_dir", "unique_tokens", "epochs",
+                                                  "models")))
 
 
 def _check(spec: RepeatSpec) -> None:
@@ -149,25 +141,13 @@ def write_repeat_manifest(spec: RepeatSpec, runs: list[PlannedRun], path: str | 
 
 def read_repeat_manifest(path: str | Path) -> tuple[RepeatSpec, list[PlannedRun]]:
     """Load a repeat manifest written by `smdm scale repeat plan`."""
-    data = _read_json(Path(path))
+    data = read_json_object(Path(path))
     if data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("runs"), list):
         raise SmdmError(f"{path}: not a repeat manifest; write one with `smdm scale repeat plan`")
     try:
         return RepeatSpec(**data["spec"]), [PlannedRun(**r) for r in data["runs"]]
     except TypeError as error:
         raise SmdmError(f"{path}: malformed manifest ({error})") from None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SmdmError(f"{path}: no such file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SmdmError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise SmdmError(f"{path}: expected a JSON object")
-    return data
 
 
 # ------------------------------------------------------------------------------------------------------- results
@@ -353,14 +333,12 @@ def fit_repeat(points: list[RepeatPoint]) -> dict[str, Any]:
 def plot_repeat(points: list[RepeatPoint], report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """loss_vs_compute.png (per U: every run, the best-so-far frontiers, the measured and closed-form crossovers)
     and reuse.png (best loss against epochs per family, with the fitted half-life curves). None without matplotlib."""
-    try:
-        import matplotlib
+    from smdm.plots import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
+    import matplotlib.ticker
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     colour = {"mdm": "tab:blue", "arm": "tab:orange"}
@@ -388,10 +366,7 @@ def plot_repeat(points: list[RepeatPoint], report: dict[str, Any], out_dir: str 
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     axes[0][0].set_ylabel("best validation loss (nats/token; MDM: ELBO)")
-    fig.tight_layout()
-    written.append(out_dir / "loss_vs_compute.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(save_figure(fig, out_dir / "loss_vs_compute.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
     for ax, family in zip(axes[0], ("mdm", "arm"), strict=True):
@@ -416,10 +391,7 @@ def plot_repeat(points: list[RepeatPoint], report: dict[str, Any], out_dir: str 
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     axes[0][0].set_ylabel("best validation loss")
-    fig.tight_layout()
-    written.append(out_dir / "reuse.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(save_figure(fig, out_dir / "reuse.png"))
     return written
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from smdm.cli_types import positive_int
+from smdm.cli_types import add_plan_and_run_parsers
 
 
 def cmd_repeat(args: argparse.Namespace) -> None:
@@ -48,17 +48,7 @@ def add_repeat_parser(scale: argparse._SubParsersAction) -> None:
     """`smdm scale repeat ...`, under the `smdm scale` subcommands."""
     p = scale.add_parser("repeat", help="data-constrained study: U unique tokens x epochs x sizes x families")
     sub = p.add_subparsers(dest="repeat_command", required=True)
-    s = sub.add_parser("plan", help="turn a repeat spec (JSON) into a manifest of training runs")
-    s.add_argument("spec", help="e.g. configs/repeat-cpu.json")
-    s.add_argument("--out", required=True, help="manifest to write")
-    s = sub.add_parser("run", help="train the manifest's unfinished runs (resumes killed ones)")
-    s.add_argument("manifest")
-    s.add_argument("--jobs", type=positive_int, default=1, help="training processes at once")
-    s.add_argument("--threads", type=positive_int, default=None, help="torch threads per process")
-    s.add_argument("--only", nargs="+", help="run names to train (default: all)")
-    s.add_argument("--data", help="override the spec's data directory")
-    s.add_argument("--stop-after-steps", type=positive_int, help="end each run early with a checkpoint")
-    s.add_argument("--no-progress", action="store_true")
+    add_plan_and_run_parsers(sub, "repeat", "configs/repeat-cpu.json")
     s = sub.add_parser("fit", help="frontiers, crossovers vs the closed form, data-reuse half-lives, plots")
     s.add_argument("manifest")
     s.add_argument("--out", required=True, help="directory for repeat.json, loss_vs_compute.png, reuse.png")

@@ -64,15 +64,7 @@ class SweepSpec:
     @classmethod
     def from_file(cls, path: str | Path) -> SweepSpec:
         """Read a JSON spec; unknown keys are an error (a typo must not silently fall back to a default)."""
-        data = _read_json(Path(path))
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SmdmError(f"{path}: unknown keys {unknown}; known: {', '.join(sorted(known))}")
-        missing = sorted(k for k in ("name", "data_dir", "out_dir", "models", "budgets") if k not in data)
-        if missing:
-            raise SmdmError(f"{path}: missing keys {missing}")
-        spec = cls(**data)
+        spec = cls(**read_spec_fields(cls, path, ("name", "data_dir", "out_dir", "models", "budgets")))
         spec.budgets = [float(b) for b in spec.budgets]
         return spec
 
@@ -189,7 +181,7 @@ def write_manifest(spec: SweepSpec, runs: list[PlannedRun], path: str | Path) ->
 def read_manifest(path: str | Path) -> tuple[SweepSpec, list[PlannedRun]]:
     """Load and check a manifest: every run's model must be a known config (so no run fails halfway through a sweep)."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json_object(path)
     if data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("runs"), list):
         raise SmdmError(f"{path}: not a sweep manifest (format {MANIFEST_FORMAT}); write one with `smdm scale plan`")
     try:
@@ -210,7 +202,22 @@ def read_manifest(path: str | Path) -> tuple[SweepSpec, list[PlannedRun]]:
     return spec, runs
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_spec_fields(cls: type, path: str | Path, required: tuple[str, ...]) -> dict[str, Any]:
+    """A study spec's JSON object checked against the dataclass `cls`: unknown keys (a typo must not silently fall
+    back to a default) and missing required keys are one-line errors."""
+    data = read_json_object(Path(path))
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SmdmError(f"{path}: unknown keys {unknown}; known: {', '.join(sorted(known))}")
+    missing = sorted(k for k in required if k not in data)
+    if missing:
+        raise SmdmError(f"{path}: missing keys {missing}")
+    return data
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a file (a spec or a manifest); a missing file, bad JSON or another type is one line."""
     if not path.is_file():
         raise SmdmError(f"{path}: no such file")
     try:
@@ -480,12 +487,10 @@ def plot_sweep(results: list[RunResult], report: dict[str, Any], out_dir: str | 
     """isoflop.png (loss vs N per budget, with parabolas) and frontier.png (L* vs C for MDM and ARM, the paper's
     Figure 1). `unigram`, the validation text's unigram entropy, is drawn as the bar a model must clear.
     Returns the files written; none when matplotlib is missing."""
-    try:
-        import matplotlib
+    from smdm.plots import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -519,10 +524,7 @@ def plot_sweep(results: list[RunResult], report: dict[str, Any], out_dir: str | 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("validation loss (nats/token; MDM: ELBO bound)")
-    fig.tight_layout()
-    path = out_dir / "isoflop.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(fig, out_dir / "isoflop.png")
     written.append(path)
 
     fig, ax = plt.subplots(figsize=(6.2, 4.4))
@@ -554,9 +556,6 @@ def plot_sweep(results: list[RunResult], report: dict[str, Any], out_dir: str | 
     ax.set_ylabel("validation loss (nats/token)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "frontier.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(fig, out_dir / "frontier.png")
     written.append(path)
     return written

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from smdm.cli_types import non_negative_int, positive_int
+from smdm.cli_types import add_plan_and_run_parsers, non_negative_int, positive_int
 from smdm.repeat_cli import add_repeat_parser
 
 
@@ -47,17 +47,7 @@ def add_scale_parser(sub: argparse._SubParsersAction) -> None:
     """The `smdm scale` subcommands."""
     p = sub.add_parser("scale", help="scaling laws: plan, run, fit and launch IsoFLOP sweeps of MDMs and ARMs")
     scale = p.add_subparsers(dest="scale_command", required=True)
-    s = scale.add_parser("plan", help="turn a sweep spec (JSON) into a manifest of training runs")
-    s.add_argument("spec", help="e.g. configs/scaling-cpu.json")
-    s.add_argument("--out", required=True, help="manifest to write")
-    s = scale.add_parser("run", help="train the manifest's unfinished runs (resumes killed ones)")
-    s.add_argument("manifest")
-    s.add_argument("--jobs", type=positive_int, default=1, help="training processes at once")
-    s.add_argument("--threads", type=positive_int, default=None, help="torch threads per process")
-    s.add_argument("--only", nargs="+", help="run names to train (default: all)")
-    s.add_argument("--data", help="override the spec's data directory")
-    s.add_argument("--stop-after-steps", type=positive_int, help="end each run early with a checkpoint (time slices)")
-    s.add_argument("--no-progress", action="store_true")
+    add_plan_and_run_parsers(scale, "sweep", "configs/scaling-cpu.json")
     s = scale.add_parser("fit", help="IsoFLOP parabolas, power laws with bootstrap intervals, compute gap, plots")
     s.add_argument("manifest")
     s.add_argument("--out", required=True, help="directory for scaling.json, isoflop.png, frontier.png")

@@ -103,12 +103,10 @@ def write_report(rows: list[CorpusScore], out_dir: Path, title: str = "Perplexit
             cells.append(f"{r.nats_per_token:.3f} ± {r.stderr:.3f}" if r.stderr else f"{r.nats_per_token:.3f}")
         lines.append(f"| {corpus} | " + " | ".join(cells) + " |")
     written[1].write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
+    from smdm.plots import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return written
     figure, axis = plt.subplots(figsize=(7, 4))
     for model in models:
@@ -119,10 +117,7 @@ def write_report(rows: list[CorpusScore], out_dir: Path, title: str = "Perplexit
     axis.set_ylabel("nats / token (MDM: upper bound)")
     axis.set_title(title)
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(out_dir / "temporal.png", dpi=120)
-    plt.close(figure)
-    return [*written, out_dir / "temporal.png"]
+    return [*written, save_figure(figure, out_dir / "temporal.png")]
 
 
 def load_checkpoints(paths: list[str], tokenizer_path: str | None, device: str,
