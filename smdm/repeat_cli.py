@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from smdm.cli_types import add_plan_and_run_parsers
+from smdm.cli_types import add_study_parsers
 
 
 def cmd_repeat(args: argparse.Namespace) -> None:
@@ -48,8 +48,7 @@ def add_repeat_parser(scale: argparse._SubParsersAction) -> None:
     """`smdm scale repeat ...`, under the `smdm scale` subcommands."""
     p = scale.add_parser("repeat", help="data-constrained study: U unique tokens x epochs x sizes x families")
     sub = p.add_subparsers(dest="repeat_command", required=True)
-    add_plan_and_run_parsers(sub, "repeat", "configs/repeat-cpu.json")
-    s = sub.add_parser("fit", help="frontiers, crossovers vs the closed form, data-reuse half-lives, plots")
-    s.add_argument("manifest")
-    s.add_argument("--out", required=True, help="directory for repeat.json, loss_vs_compute.png, reuse.png")
+    add_study_parsers(sub, "repeat", "configs/repeat-cpu.json",
+                      "frontiers, crossovers vs the closed form, data-reuse half-lives, plots",
+                      "repeat.json, loss_vs_compute.png, reuse.png")
     p.set_defaults(func=cmd_repeat)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from smdm.cli_types import add_plan_and_run_parsers, non_negative_int, positive_int
+from smdm.cli_types import add_study_parsers, non_negative_int, positive_int
 from smdm.repeat_cli import add_repeat_parser
 
 
@@ -47,10 +47,9 @@ def add_scale_parser(sub: argparse._SubParsersAction) -> None:
     """The `smdm scale` subcommands."""
     p = sub.add_parser("scale", help="scaling laws: plan, run, fit and launch IsoFLOP sweeps of MDMs and ARMs")
     scale = p.add_subparsers(dest="scale_command", required=True)
-    add_plan_and_run_parsers(scale, "sweep", "configs/scaling-cpu.json")
-    s = scale.add_parser("fit", help="IsoFLOP parabolas, power laws with bootstrap intervals, compute gap, plots")
-    s.add_argument("manifest")
-    s.add_argument("--out", required=True, help="directory for scaling.json, isoflop.png, frontier.png")
+    s = add_study_parsers(scale, "sweep", "configs/scaling-cpu.json",
+                          "IsoFLOP parabolas, power laws with bootstrap intervals, compute gap, plots",
+                          "scaling.json, isoflop.png, frontier.png")
     s.add_argument("--irreducible", action="store_true", help="also fit L = E + A C^-alpha (needs 4 budgets)")
     s.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap replicates for the intervals")
     s.add_argument("--seed", type=non_negative_int, default=0)

@@ -127,14 +127,19 @@ def test_lora_resume_is_bit_exact(setup, tmp_path):
         _lora_run(setup, tmp_path / "cut", "mdm", resume=True, **{**options, "lora_rank": 8, "max_steps": 8})
 
 
+def _fused_model_and_tokens() -> tuple[Transformer, torch.Tensor]:
+    """A seeded tiny model with GQA and q/k/v biases (every fused layer LoRA can target), and a batch of ids."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(name="t", block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=64,
+                                    n_query_groups=2, qkv_bias=True)).eval()
+    return model, torch.randint(0, 50, (2, 8))
+
+
 def test_lora_layers_are_applied_inside_the_fused_layers():
     """qkv and gate_up are split by weight in the plain path; a wrapped layer must still add its update."""
     from smdm.lora import attach_lora, lora_config
 
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(name="t", block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=64,
-                                    n_query_groups=2, qkv_bias=True)).eval()
-    tokens = torch.randint(0, 50, (2, 8))
+    model, tokens = _fused_model_and_tokens()
     with torch.no_grad():
         before = model(tokens)
     for target in ("qkv", "gate_up"):
@@ -210,10 +215,7 @@ def test_quantize_base_stores_the_block_layers_quantized(bits):
     bnb = pytest.importorskip("bitsandbytes", reason="--lora-quantize needs bitsandbytes")
     from smdm.lora import quantize_base
 
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(name="t", block_size=32, vocab_size=50, n_layer=2, n_head=4, n_embd=64,
-                                    n_query_groups=2, qkv_bias=True)).eval()
-    tokens = torch.randint(0, 50, (2, 8))
+    model, tokens = _fused_model_and_tokens()
     with torch.no_grad():
         before = model(tokens)
         quantize_base(model, bits)

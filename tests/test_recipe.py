@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 from safetensors.torch import load_file
+from test_train import tiny_run
 
 from smdm.config import ModelConfig
 from smdm.data.packed import PackedDataset
@@ -21,15 +21,7 @@ from smdm.distributed import DistInfo
 from smdm.errors import SmdmError
 from smdm.model import Transformer, smdm_init_
 from smdm.objectives import make_objective
-from smdm.train import TrainConfig, build_run, train
-
-
-def tiny_run(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
-    settings = {"data_dir": str(data_dir), "out_dir": str(out_dir), "model": "tiny-test", "seq_len": 32,
-                "batch_size": 4, "lr": 3e-3, "eval_every": 1000, "save_every": 1000, "log_every": 1,
-                "eval_blocks": 4, "progress": False, "threads": 1}
-    settings.update(overrides)
-    return TrainConfig(**settings)
+from smdm.train import build_run, train
 
 
 def _info() -> DistInfo:
