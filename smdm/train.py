@@ -235,6 +235,12 @@ def total_steps_for(config: TrainConfig, tokens_per_step: int, per_token_flops: 
     return steps
 
 
+def budget_flops_per_token(objective: Objective, model_config: ModelConfig, seq_len: int, count: str) -> float:
+    """Training FLOPs a budget charges per token: the count's FLOPs times the family's passes per token (2 for
+    block diffusion's 2L-token pass)."""
+    return objective.compute_factor * flops_per_token(model_config, seq_len, count)
+
+
 def step_generator(seed: int, step: int, micro: int, rank: int = 0) -> torch.Generator:
     """The random stream of one micro-batch: a pure function of (seed, step, micro, rank), so a resume replays it."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 131 + rank)
@@ -339,11 +345,11 @@ class RunData:
     tokenizer: dict[str, Any]  # the data manifest's tokenizer record
 
 
-def starting_point(config: TrainConfig, objective: Objective, vocab_size: int) -> tuple[Checkpoint | None,
-                                                                                       ModelConfig]:
-    """The weights to start from (--init-from, unless resuming) and the model config of the run.
-
-    An ARM starting an mdm run is adapted (smdm.adapt): same weights, bidirectional, shifted unless told otherwise.
+def starting_point(config: TrainConfig, objective: Objective,
+                   vocab_size: int) -> tuple[Checkpoint | None, ModelConfig, bool]:
+    """The weights to start from (--init-from, unless resuming), the model config of the run, and whether the run
+    adapts an ARM: an ARM starting an mdm run is adapted (smdm.adapt): same weights, bidirectional, shifted unless
+    told otherwise.
     """
     if (config.init_from and config.resume and config.lora_rank is None
             and _has_checkpoint(Path(config.out_dir) / "checkpoint")):
@@ -353,7 +359,7 @@ def starting_point(config: TrainConfig, objective: Objective, vocab_size: int) -
         initial = load_checkpoint(config.init_from)
         init_config, init_meta = initial.config, initial.meta
     else:
-        return None, ModelConfig.from_name(config.model, vocab_size=vocab_size)
+        return None, ModelConfig.from_name(config.model, vocab_size=vocab_size), False
     if init_config.vocab_size != vocab_size and not (
             "source" in init_meta and vocab_size <= init_config.vocab_size):  # imported: padded embeddings
         raise SmdmError(f"{config.init_from}: vocabulary {init_config.vocab_size} != data's {vocab_size}")
@@ -363,7 +369,7 @@ def starting_point(config: TrainConfig, objective: Objective, vocab_size: int) -
         raise SmdmError(f"{config.init_from}: an {family} checkpoint is not an ARM; --adapt-shift / "
                         "--attention-anneal-steps adapt an ARM into an MDM")
     if family == "arm" and objective.name == "mdm":
-        return initial, adapted_config(init_config, config.adapt_shift is not False)
+        return initial, adapted_config(init_config, config.adapt_shift is not False), True
     if family != objective.name:
         raise SmdmError(f"{config.init_from}: an {family} checkpoint cannot start an {objective.name} run; "
                         f"pass --objective {family}")
@@ -371,7 +377,7 @@ def starting_point(config: TrainConfig, objective: Objective, vocab_size: int) -
     if block is not None and block != getattr(objective, "diffusion_block_size", None):
         raise SmdmError(f"{config.init_from}: a bdm checkpoint trained with block size {block} cannot start a run "
                         f"with --diffusion-block-size {objective.diffusion_block_size}")
-    return initial, init_config
+    return initial, init_config, False
 
 
 def _init_header(path: str) -> tuple[ModelConfig, dict[str, Any]]:
@@ -447,8 +453,7 @@ class Run:
 
     def per_token_flops(self) -> float:
         """Budget FLOPs per token under the run's count (smdm.flops)."""
-        return self.objective.compute_factor * flops_per_token(self.model_config, self.data.seq_len,
-                                                               self.config.flops_count)
+        return budget_flops_per_token(self.objective, self.model_config, self.data.seq_len, self.config.flops_count)
 
     def evaluate(self) -> float:
         """Validation loss of the current weights."""
@@ -527,7 +532,7 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     manifest = read_sft_manifest(config.data_dir)
     sft = manifest is not None
     manifest = manifest or load_manifest(config.data_dir)
-    initial, model_config = starting_point(config, objective, int(manifest["tokenizer"]["vocab_size"]))
+    initial, model_config, adapted = starting_point(config, objective, int(manifest["tokenizer"]["vocab_size"]))
     objective.check_context(model_config.block_size)
     data = load_run_data(config, objective, model_config, manifest, sft, info)
     tokenizer_file = manifest_tokenizer_file(data.train.manifest, config.data_dir)  # before anything is written
@@ -540,8 +545,7 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     n_params = non_embedding_params(model_config)
     tokens_per_step = config.batch_size * config.grad_accum * data.seq_len * info.world_size
     total_steps = total_steps_for(config, tokens_per_step,
-                                  objective.compute_factor * flops_per_token(model_config, data.seq_len,
-                                                                             config.flops_count),
+                                  budget_flops_per_token(objective, model_config, data.seq_len, config.flops_count),
                                   rows=len(data.train),
                                   rows_per_step=config.batch_size * config.grad_accum * info.world_size)
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, total_steps // 100)
@@ -564,7 +568,7 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
                                             else {}),
             "tokenizer": {k: data.tokenizer.get(k) for k in ("fingerprint", "vocab_size", "eos_id")},
             "non_embedding_params": n_params, "sft": sft}
-    if config.init_from and objective.name == "mdm" and _init_header(config.init_from)[1].get("objective") == "arm":
+    if adapted:
         meta["adapted_from"] = adaptation_record(config.init_from, model_config.shifted,
                                                  config.attention_anneal_steps)
     if lora_record is not None:
