@@ -64,6 +64,9 @@ _TRAIN_OPTIONS = {
 
 
 def _add_train_args(parser: argparse.ArgumentParser, sft: bool = False) -> None:
+    from smdm.diffusion import LOSS_WEIGHTINGS
+    from smdm.flops import FLOPS_COUNTS
+    from smdm.model import INITS
     from smdm.objectives import objective_names
     from smdm.train import TrainConfig
 
@@ -89,16 +92,16 @@ def _add_train_args(parser: argparse.ArgumentParser, sft: bool = False) -> None:
     budget.add_argument("--flops", type=positive_float, default=unset,
                         help="compute budget, counted as --flops-count says (the IsoFLOP sweeps count the same way)")
     budget.add_argument("--epochs", type=positive_float, default=unset, help="passes over the training rows")
-    parser.add_argument("--flops-count", choices=["attention", "6n"], default=unset,
+    parser.add_argument("--flops-count", choices=FLOPS_COUNTS, default=unset,
                         help="attention: 6N + 6·L·T·d (default, as the sweeps); 6n: the paper's code")
     for name, (kind, text) in _TRAIN_OPTIONS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=unset,
                             help=f"{text} ({getattr(defaults, name)})")
     parser.add_argument("--threads", type=positive_int, default=unset, help="torch CPU threads")
     parser.add_argument("--low-discrepancy", action="store_true", default=unset, help="MDM: stratified t per batch")
-    parser.add_argument("--loss-weighting", choices=["elbo", "ce"], default=unset,
+    parser.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=unset,
                         help="MDM training loss: 1/t-weighted ELBO, or Sahoo et al.'s unweighted CE (validation: ELBO)")
-    parser.add_argument("--init", choices=["gpt2", "smdm"], default=unset,
+    parser.add_argument("--init", choices=INITS, default=unset,
                         help="initial weights: GPT-2 style, or SMDM's (std sqrt(2/5d), outputs 1/sqrt(d)/L)")
     parser.add_argument("--stop-after-steps", type=positive_int, default=unset,
                         help="stop early with a checkpoint (time-sliced jobs)")
@@ -149,12 +152,10 @@ def cmd_sft(args: argparse.Namespace) -> None:
     if not config.out_dir:
         raise SmdmError("smdm sft needs --out (or a --config that names it)")
     recorded = read_sft_settings(Path(args.config).parent) if args.config else {}
-    files = getattr(args, "data", None) or recorded.pop("files", None)
+    files = getattr(args, "data", None) or recorded.get("files")
     if not files:
         raise SmdmError("smdm sft needs --data (jsonl files)")
-    recorded.pop("files", None)
-    tokenizer = args.tokenizer or recorded.pop("tokenizer", None)
-    recorded.pop("tokenizer", None)
+    tokenizer = args.tokenizer or recorded.get("tokenizer")
     sft_config = _sft_config(args, recorded, config.seq_len, config.seed)
     summary = finetune(files, replace(config, seq_len=None), sft_config, tokenizer=tokenizer)
     print(json.dumps(summary, indent=2))
@@ -190,8 +191,6 @@ def _add_sft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--padding", choices=PADDINGS, help="longest (default): every row padded to the longest example; "
                                                        "batch: each batch to its own longest (LLaDA)")
 
-
-# ------------------------------------------------------------------------------------------------------------ tasks
 
 # -------------------------------------------------------------------------------------------------------- inference
 
