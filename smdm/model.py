@@ -159,12 +159,9 @@ class Attention(nn.Module):
         sizes = [self.n_head * self.head_size, self.n_kv * self.head_size, self.n_kv * self.head_size]
         if type(self.qkv) is not nn.Linear:  # wrapped (a LoRA layer, smdm.lora): its own forward adds the update
             q, k, v = self.qkv(x).split(sizes, dim=-1)
-        elif self.qkv.bias is None:
+        else:
             wq, wk, wv = self.qkv.weight.split(sizes, dim=0)
-            q, k, v = F.linear(x, wq), F.linear(x, wk), F.linear(x, wv)
-        else:  # Qwen2 / Dream
-            wq, wk, wv = self.qkv.weight.split(sizes, dim=0)
-            bq, bk, bv = self.qkv.bias.split(sizes, dim=0)
+            bq, bk, bv = (None,) * 3 if self.qkv.bias is None else self.qkv.bias.split(sizes, dim=0)  # Qwen2, Dream
             q, k, v = F.linear(x, wq, bq), F.linear(x, wk, bk), F.linear(x, wv, bv)
         q = q.view(batch, seq_len, self.n_head, self.head_size).transpose(1, 2)
         k = k.view(batch, seq_len, self.n_kv, self.head_size).transpose(1, 2)
