@@ -241,13 +241,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", with_t
         weights = load_file(str(weights_path), device=str(device))
     except (SafetensorError, OSError, ValueError) as error:
         raise SmdmError(f"{weights_path}: corrupted or truncated checkpoint ({error})") from error
-    model = Transformer(config, causal=record.get("objective") == "arm")
     block = (record.get("objective_options") or {}).get("diffusion_block_size")
     if record.get("objective") == "bdm":  # block diffusion: samplers and scorers dispatch on this
         if not isinstance(block, int) or block < 1 or config.block_size % block:
             raise SmdmError(f"{directory}: a bdm checkpoint must record a diffusion block size dividing the "
                             f"context {config.block_size}, found {block!r}")
-        model.diffusion_block_size = block
+    else:
+        block = None
+    model = Transformer(config, causal=record.get("objective") == "arm", diffusion_block_size=block)
     load_weights(model, weights, source=str(weights_path))
     model.to(device).eval()
     train_state = None

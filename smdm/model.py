@@ -238,13 +238,15 @@ class TiedHead(nn.Module):
 class Transformer(nn.Module):
     """The whole network. `causal=False` gives the MDM's bidirectional mask predictor, `causal=True` an ARM."""
 
-    def __init__(self, config: ModelConfig, causal: bool = False) -> None:
+    def __init__(self, config: ModelConfig, causal: bool = False, diffusion_block_size: int | None = None) -> None:
         super().__init__()
         if causal and config.shifted:
             raise SmdmError("a shifted model (logit i predicts token i+1) is an MDM adapted from an ARM; "
                             "load it bidirectional")
         self.config = config
         self.causal = causal
+        # Block diffusion (BD3-LM): the block size its samplers and scorers work in; None for an MDM or an ARM.
+        self.diffusion_block_size = diffusion_block_size
         self.embed = nn.Embedding(config.embedding_rows, config.n_embd)  # + [MASK] unless it is inside the vocab
         self.blocks = nn.ModuleList(Block(config, causal) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)

@@ -539,7 +539,8 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model = Transformer(model_config, causal=objective.causal)
+    model = Transformer(model_config, causal=objective.causal,
+                        diffusion_block_size=getattr(objective, "diffusion_block_size", None))
     if config.init == "smdm":
         smdm_init_(model)
     n_params = non_embedding_params(model_config)

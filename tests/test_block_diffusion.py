@@ -34,10 +34,10 @@ EOS = 0
 def bd_model(block_size: int, seed: int = 0, context: int = 64) -> Transformer:
     """A tiny bidirectional Transformer in float64 (parity tests compare argmaxes) marked as block diffusion."""
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig.from_name("tiny-test", vocab_size=VOCAB, block_size=context)).double().eval()
+    model = Transformer(ModelConfig.from_name("tiny-test", vocab_size=VOCAB, block_size=context),
+                        diffusion_block_size=block_size).double().eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # spread the logits: distinct argmaxes, confident and unsure tokens
-    model.diffusion_block_size = block_size
     return model
 
 
