@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from smdm.diffusion import MASK_EPS, response_positions
 from smdm.errors import SmdmError
 from smdm.model import KVCache, Transformer
+from smdm.sampler_settings import REMASKINGS
 
 if TYPE_CHECKING:  # smdm.sample and smdm.likelihood import this module lazily; no import cycle at run time
     from smdm.likelihood import ScoreResult
@@ -199,8 +200,8 @@ class BlockSampler:
             raise SmdmError(f"the diffusion block size must be at least 1, got {self.block_size}")
         if not 1 <= self.steps <= self.block_size:
             raise SmdmError(f"steps per block must lie in [1, {self.block_size}] (the block size), got {self.steps}")
-        if self.remasking not in ("low_confidence", "random"):
-            raise SmdmError(f"unknown remasking {self.remasking!r}; use low_confidence or random")
+        if self.remasking not in REMASKINGS:
+            raise SmdmError(f"unknown remasking {self.remasking!r}; use one of {', '.join(REMASKINGS)}")
         if self.threshold is not None and not (0 < self.threshold <= 1 and self.remasking == "low_confidence"):
             raise SmdmError("the confidence threshold must lie in (0, 1] and needs remasking low_confidence")
         if self.temperature < 0 or not math.isfinite(self.temperature):

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smdm.chat import prompt_from_messages
 from smdm.errors import SmdmError
-from smdm.sample import check_prompts, make_plan
+from smdm.sample import check_prompts, make_plan, prepare_prompts
 from smdm.serve.batcher import Batcher, BatcherConfig, Job, QueueFull, Row, RowResult, Settings, ShuttingDown, StepView
 
 STATIC = Path(__file__).parent / "static"
@@ -169,11 +169,10 @@ def parse_request(body: Any, model, tokenizer, config: ServeConfig, chat: bool) 
         if value is not None and not isinstance(value, str):
             raise ApiError(400, f"{field_name} must be a string", "invalid_type", field_name)
     suffix_ids = tokenizer.encode(suffix) if suffix else None
-    if model.causal:
-        if suffix_ids:
-            raise ApiError(400, "suffix (infilling) needs an MDM, which predicts masked positions from both sides; "
-                           "this model is an ARM", "unsupported_parameter", "suffix")
-        prompts = [ids or [tokenizer.eos_id] for ids in prompts]  # an ARM starts a fresh document after an EOS
+    if model.causal and suffix_ids:
+        raise ApiError(400, "suffix (infilling) needs an MDM, which predicts masked positions from both sides; "
+                       "this model is an ARM", "unsupported_parameter", "suffix")
+    prompts = prepare_prompts(model, prompts, tokenizer.eos_id)  # an ARM starts a fresh document after an EOS
     try:
         make_plan(model, max_tokens, steps, temperature, remasking=remasking, block_length=block_length,
                   cfg_scale=cfg_scale, threshold=threshold, cache=cache, top_p=top_p, eos_id=tokenizer.eos_id)
