@@ -227,9 +227,11 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(mdm_server, arm_s
 
 def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(trained):
     with running_server(trained["mdm"], "--max-batch", "1", "--max-queue", "2") as base:
-        # A client that leaves mid-stream: its batch stops at the next step.
+        # A client that leaves mid-stream: its batch stops at the next step. Sixteen rows with CFG make the batch
+        # last seconds (about 3.6 s on 2 cores), not the 0.3 s of one row that a loaded machine could finish before
+        # the server reads the disconnect.
         body = {"model": "toy", "prompt": "the", "max_tokens": 120, "temperature": 0, "stream": True,
-                "smdm_show_steps": True, "cfg_scale": 1.0}
+                "smdm_show_steps": True, "cfg_scale": 1.0, "n": 16}
         request = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         response = urllib.request.urlopen(request, timeout=60)
