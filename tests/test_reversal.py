@@ -59,8 +59,12 @@ def test_task_reversal_trains_then_evaluates(tmp_path, capsys, objective):
                                 "--model", "tiny-test", "--objective", objective,
                                 "--epochs", "40" if objective == "arm" else "5",
                                 "--batch-size", "4", "--vocab-size", "300", "--threads", "1", "--no-progress",
-                                "--rank", "2")
+                                "--rank", "2",
+                                *(["--loss-weighting", "ce", "--low-discrepancy"] if objective == "mdm" else []))
     assert code == 0, err
+    recipe = json.loads((out / "run" / "train_config.json").read_text())  # the MDM recipe options reach training
+    assert (recipe["loss_weighting"], recipe["low_discrepancy"]) == (("ce", True) if objective == "mdm"
+                                                                     else ("elbo", False))
     record = json.loads((out / "reversal.json").read_text())
     assert set(record["metrics"]) == set(SPLITS)
     assert record["model"]["objective"] == objective and len(record["model"]["weights_sha256"]) == 64
@@ -101,3 +105,7 @@ def test_task_reversal_bad_input(tmp_path, capsys):
                            "--objective", "arm", "--cfg-scale", "1", "--model", "tiny-test")
     assert_one_line_error(code, err, "--cfg-scale", "arm")
     assert not (tmp_path / "a" / "run").exists()  # refused before any training
+    code, _, err = run_cli(capsys, "task", "reversal", "--data-dir", str(data), "--out", str(tmp_path / "w"),
+                           "--objective", "arm", "--loss-weighting", "ce", "--model", "tiny-test")
+    assert_one_line_error(code, err, "loss-weighting", "arm")
+    assert not (tmp_path / "w" / "run").exists()

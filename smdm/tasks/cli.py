@@ -20,7 +20,7 @@ from smdm.errors import SmdmError
 
 def _add_task_model_args(p: argparse.ArgumentParser, epochs: float, lr: float) -> None:
     from smdm.data.sft import PADDINGS
-    from smdm.objectives import objective_names
+    from smdm.objectives import LOSS_WEIGHTINGS, objective_names
 
     p.add_argument("--checkpoint", help="evaluate this model; without it a model is trained first (in OUT/run)")
     p.add_argument("--init-from", help="fine-tune this checkpoint (default: train from scratch)")
@@ -30,6 +30,9 @@ def _add_task_model_args(p: argparse.ArgumentParser, epochs: float, lr: float) -
     p.add_argument("--epochs", type=positive_float, default=epochs)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=positive_float, default=lr)
+    p.add_argument("--low-discrepancy", action="store_true", help="MDM training: stratified t per batch")
+    p.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default="elbo",
+                   help="MDM training loss: the 1/t-weighted ELBO (default) or the simple CE of Sahoo et al. 2026")
     p.add_argument("--save-every", type=positive_int, default=500)
     p.add_argument("--vocab-size", type=positive_int, default=1024, help="BPE size when training from scratch")
     p.add_argument("--padding", choices=PADDINGS, default="longest")

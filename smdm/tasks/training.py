@@ -28,6 +28,8 @@ class TaskModel:
     epochs: float = 30
     batch_size: int = 32
     lr: float = 3e-3
+    low_discrepancy: bool = False  # MDM training recipe (see TrainConfig)
+    loss_weighting: str = "elbo"
     save_every: int = 500
     vocab_size: int = 1024  # BPE size when training from scratch
     padding: str = "longest"
@@ -76,6 +78,7 @@ class TaskModel:
         config = TrainConfig(data_dir="", out_dir=str(Path(self.out) / "run"), model=self.model,
                              objective=self.objective, diffusion_block_size=self.diffusion_block_size,
                              epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                             low_discrepancy=self.low_discrepancy, loss_weighting=self.loss_weighting,
                              init_from=self.init_from, seed=self.seed, threads=self.threads, device=self.device,
                              resume=self.resume, eval_every=10**9, save_every=self.save_every,
                              progress=self.progress)
