@@ -22,6 +22,7 @@ exactly `steps` forward passes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,49 @@ def training_mask(length: int, block_size: int, device: torch.device | None = No
     offset_block_causal = (q_block > k_block) & k_clean & ~q_clean
     block_causal = (q_block >= k_block) & k_clean & q_clean
     return block_diagonal | offset_block_causal | block_causal
+
+
+ATTENTION_KERNELS = ("auto", "sdpa", "flex")
+
+
+def training_attention(length: int, block_size: int, device: torch.device, kernel: str = "auto"):
+    """The training mask in the form the attention kernel wants.
+
+    "sdpa": `training_mask` as a dense boolean tensor for `F.scaled_dot_product_attention` (CPU, and any device).
+    "flex": a `BlockMask` for `torch.nn.attention.flex_attention`, which skips the 62-75% of key blocks the mask
+    hides instead of computing and discarding them (BD3-LM trains with FlexAttention, bd3lms `models/dit.py`).
+    "auto": flex on CUDA where torch has it (compiled, fused), sdpa elsewhere (eager flex materialises the scores).
+    """
+    if kernel not in ATTENTION_KERNELS:
+        raise SmdmError(f"unknown attention kernel {kernel!r}; use one of {', '.join(ATTENTION_KERNELS)}")
+    if kernel == "auto":
+        kernel = "flex" if device.type == "cuda" and _flex_available() else "sdpa"
+    if kernel == "sdpa":
+        return training_mask(length, block_size, device)
+    return _flex_training_mask(length, block_size, str(device))
+
+
+def _flex_available() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=16)
+def _flex_training_mask(length: int, block_size: int, device: str):
+    """`training_mask` as a FlexAttention BlockMask (built once per shape: it costs a pass over the mask)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def allowed(batch, head, q, k):  # the same three rules as training_mask, on index tensors
+        q_clean, k_clean = q >= length, k >= length
+        q_block, k_block = (q % length) // block_size, (k % length) // block_size
+        return (((q_block == k_block) & (q_clean == k_clean)) | ((q_block > k_block) & k_clean & ~q_clean)
+                | ((q_block >= k_block) & k_clean & q_clean))
+
+    tile = 128 if device.startswith("cuda") else 16  # the kernel's tile; small on CPU so tiny tests stay sparse
+    return create_block_mask(allowed, None, None, 2 * length, 2 * length, device=device, BLOCK_SIZE=tile)
 
 
 def block_causal_mask(query_slots: torch.Tensor, num_keys: int, block_size: int,
@@ -101,14 +145,15 @@ def check_time_range(t_min: float, t_max: float) -> None:
 
 
 def vectorised_logits(model: torch.nn.Module, noisy: torch.Tensor, clean: torch.Tensor, block_size: int,
-                      select: torch.Tensor | None = None) -> torch.Tensor:
+                      select: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
     """Logits of the noisy half from one pass over [noisy | clean] (2L tokens) under the block-diffusion mask.
 
     `select` (bool, B x L) keeps only those noisy positions, flattened (n, V), as `Transformer.forward` does.
+    `kernel` picks the attention implementation (`training_attention`); every kernel computes the same function.
     """
     _batch, length = noisy.shape
     positions = torch.arange(length, device=noisy.device).repeat(2)[None]  # clean copy: same RoPE positions
-    mask = training_mask(length, block_size, noisy.device)
+    mask = training_attention(length, block_size, noisy.device, kernel)
     x = torch.cat([noisy, clean], dim=1)
     if select is None:
         return model(x, positions=positions, attn_mask=mask)[:, :length]

@@ -177,11 +177,34 @@ class Attention(nn.Module):
         is_causal = False
         if attn_mask is None:
             attn_mask, is_causal = attention_mask(seq_len, k.size(2), self.causal, key_mask, cache_slots)
+        elif not isinstance(attn_mask, torch.Tensor):  # a FlexAttention BlockMask (block diffusion's training mask)
+            y = flex_attention(q, k, v, attn_mask, grouped=self.n_kv != self.n_head)
+            return self.proj(y.transpose(1, 2).reshape(batch, seq_len, self.n_head * self.head_size))
         if self.n_kv != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal and seq_len > 1)
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, self.n_head * self.head_size))
+
+
+_compiled_flex = None
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, grouped: bool) -> torch.Tensor:
+    """FlexAttention under a BlockMask: compiled (one fused kernel that skips hidden blocks) on CUDA, eager
+    elsewhere (correct, but it materialises the scores: CPU training uses the boolean SDPA mask instead)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=grouped)
+    import warnings
+
+    with warnings.catch_warnings():  # "called without torch.compile()": deliberate off CUDA (tests, CPU checks)
+        warnings.simplefilter("ignore", UserWarning)
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=grouped)
 
 
 class SwiGLU(nn.Module):
@@ -290,7 +313,8 @@ class Transformer(nn.Module):
         every caller (samplers, likelihood, losses) the logits at i predict token i, and position 0 has no real
         prediction (callers never ask for it: a shifted model needs a non-empty prompt and never masks position 0).
         `attn_mask` (bool, broadcastable to B x heads x T x K, True = may attend) replaces the causal / cache /
-        `key_mask` rule with an explicit one: block diffusion's structured masks (smdm.block_diffusion).
+        `key_mask` rule with an explicit one: block diffusion's structured masks (smdm.block_diffusion); a
+        FlexAttention `BlockMask` instead of the tensor runs attention through `flex_attention`.
         """
         if window is not None and (self.causal or input_pos is not None):
             raise SmdmError("a window cache is for bidirectional (MDM) models without a KV cache")

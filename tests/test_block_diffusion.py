@@ -18,6 +18,7 @@ from smdm.block_diffusion import (
     check_block_size,
     mask_blocks,
     sample_block_times,
+    training_attention,
     training_mask,
     vectorised_logits,
 )
@@ -119,6 +120,26 @@ def test_vectorised_pass_equals_each_block_computed_on_its_own():
         torch.testing.assert_close(logits[:, start:end], alone)
     selected = vectorised_logits(model, noisy, tokens, 3, select=masked)
     torch.testing.assert_close(selected, logits[masked])
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_flex_attention_kernel_computes_what_the_boolean_sdpa_mask_does(groups):
+    """The BlockMask path (BD3-LM's FlexAttention kernel, used on CUDA) gives the SDPA path's logits, with
+    grouped-query attention too. Run eagerly and forward only (torch has no FlexAttention backward on CPU), so it
+    checks the mask and the plumbing, not the fused GPU kernel."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("tiny-test", vocab_size=VOCAB, block_size=64, n_query_groups=groups)
+    model = Transformer(config, diffusion_block_size=4).double().eval()
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    noisy, masked, _ = mask_blocks(tokens, torch.full((2, 6), 0.5), 4, model.mask_id, torch.Generator())
+    with torch.no_grad():
+        sdpa = vectorised_logits(model, noisy, tokens, 4, select=masked, kernel="sdpa")
+        flex = vectorised_logits(model, noisy, tokens, 4, select=masked, kernel="flex")
+    torch.testing.assert_close(flex, sdpa)
+    assert isinstance(training_attention(24, 4, torch.device("cpu")), torch.Tensor)  # auto on CPU: boolean SDPA
+    with pytest.raises(SmdmError, match="unknown attention kernel"):
+        training_attention(24, 4, torch.device("cpu"), "fused")
 
 
 def test_block_times_are_clipped_and_stratified():

@@ -104,6 +104,20 @@ def test_demo_on_the_default_corpus_with_a_tiny_budget(offline_corpus, tmp_path,
     nll, stderr = sequence_nll(load_checkpoint(work / "mdm").model, held_out, mc_samples=128)
     assert (result["held_out_nll"], result["held_out_stderr"]) == pytest.approx((nll, stderr))
     assert json.loads((work / "mdm" / "checkpoint" / "config.json").read_text())["step"] == 2
+    assert json.loads((work / "mdm" / "train_config.json").read_text())["loss_weighting"] == "ce"
+
+
+def test_demo_keeps_a_run_of_the_earlier_recipe_beside_the_new_one(offline_corpus, tmp_path, capsys):
+    cache, _ = offline_corpus
+    work = cache.parent / "demo"
+    args = ("demo", "--work-dir", str(work), "--max-steps", "2", "--model", "tiny-test", "--threads", "1")
+    assert run_cli(capsys, *args)[0] == 0
+    config_file = work / "mdm" / "train_config.json"  # as a demo from before the CE recipe left it
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "loss_weighting": "elbo"}))
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "kept as" in out and (work / "mdm-elbo" / "checkpoint").is_dir()
+    assert json.loads((work / "mdm" / "train_config.json").read_text())["loss_weighting"] == "ce"
 
 
 def test_configs_lists_every_size_with_its_parameter_count(capsys):
