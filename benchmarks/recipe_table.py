@@ -1,8 +1,10 @@
-"""Summarise the recipe pilot (benchmarks/recipe_pilot.sh): per setting, over its seeds, the final and best
-validation ELBO and the first evaluated step below the unigram entropy of the validation text minus 0.3 nats
-(leaving the unigram plateau), as a Markdown table; optionally a plot of every run's validation curve.
+"""Summarise the recipe pilot and tuning runs (benchmarks/recipe_pilot.sh, benchmarks/recipe_tune.sh): per setting,
+over its seeds, the final and best validation loss (the MDM's true ELBO, the ARM's NLL) and the first evaluation
+below the unigram entropy of the validation text minus 0.3 nats (leaving the unigram plateau), as a Markdown table;
+optionally a plot of every run's validation curve against tokens, one panel per family.
 
     python benchmarks/recipe_table.py runs/recipe --plot docs/recipe/pilot.png --json docs/recipe/pilot.json
+    python benchmarks/recipe_table.py runs/tune --data runs/recipe/tokens --plot docs/recipe/tune.png
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ def read_run(run_dir: Path) -> dict:
     """Validation rows of one run, its planned steps and its settings."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    tokens = {r["step"]: r["tokens"] for r in rows if "val_loss" in r}
     config = json.loads((run_dir / "train_config.json").read_text())
-    return {"val": val, "max_steps": config["max_steps"], "seed": config["seed"], "init": config.get("init", "gpt2"),
+    return {"val": val, "tokens": tokens, "max_steps": config["max_steps"], "seed": config["seed"],
+            "objective": config["objective"], "lr": config["lr"], "batch_size": config["batch_size"],
+            "warmup_steps": config.get("warmup_steps"), "init": config.get("init", "gpt2"),
             "loss_weighting": config.get("loss_weighting", "elbo"), "low_discrepancy": config["low_discrepancy"]}
 
 
@@ -39,8 +44,10 @@ def summarise(work: Path, unigram: float) -> list[dict]:
         finals = [r["val"][-1][1] for r in runs]
         bests = [min(v for _, v in r["val"]) for r in runs]
         leave = [next((s for s, v in r["val"] if v < unigram - MARGIN), None) for r in runs]
-        table.append({"setting": name, "seeds": sorted(r["seed"] for r in runs), "steps": runs[0]["max_steps"],
-                      "final": finals, "best": bests, "plateau_exit_step": leave})
+        leave_tokens = [None if s is None else r["tokens"][s] for s, r in zip(leave, runs)]
+        table.append({"setting": name, "objective": runs[0]["objective"], "seeds": sorted(r["seed"] for r in runs),
+                      "steps": runs[0]["max_steps"], "final": finals, "best": bests, "plateau_exit_step": leave,
+                      "plateau_exit_tokens": leave_tokens})
     return table
 
 
@@ -54,38 +61,44 @@ def markdown(table: list[dict], unigram: float) -> str:
     """The table as it goes into docs/scaling.md."""
     lines = [(f"unigram entropy of the validation text {unigram:.3f} nats/token; plateau exit: first evaluation "
               f"below {unigram - MARGIN:.3f}"), "",
-             "| setting | seeds | steps | final val ELBO | best val ELBO | steps to leave the plateau |",
+             "| setting | seeds | steps | final val loss | best val loss | steps (tokens) to leave the plateau |",
              "|---|---|---|---|---|---|"]
     for row in table:
-        exits = ", ".join(f">{row['steps']}" if s is None else str(s) for s in row["plateau_exit_step"])
+        exits = ", ".join(f">{row['steps']}" if s is None else f"{s} ({t / 1e6:.2f}M)"
+                          for s, t in zip(row["plateau_exit_step"], row["plateau_exit_tokens"]))
         lines.append(f"| {row['setting']} | {', '.join(map(str, row['seeds']))} | {row['steps']} | "
                      f"{_mean_sd(row['final'])} | {_mean_sd(row['best'])} | {exits} |")
     return "\n".join(lines)
 
 
 def plot(work: Path, unigram: float, out: Path) -> None:
-    """Every finished run's validation curve, one colour per setting."""
+    """Every finished run's validation curve against training tokens, one colour per setting, a panel per family."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    runs = [(metrics.parent.name.rsplit("-s", 1), read_run(metrics.parent))
+            for metrics in sorted(work.glob("*-s[0-9]*/metrics.jsonl"))]
+    families = sorted({run["objective"] for _, run in runs}, reverse=True)  # mdm first
+    fig, axes = plt.subplots(1, len(families), figsize=(6.5 * len(families), 4.2), squeeze=False)
     colours: dict[str, str] = {}
-    for metrics in sorted(work.glob("*-s[0-9]*/metrics.jsonl")):
-        name, seed = metrics.parent.name.rsplit("-s", 1)
-        run = read_run(metrics.parent)
-        colour = colours.setdefault(name, f"C{len(colours)}")
-        ax.plot([s for s, _ in run["val"]], [v for _, v in run["val"]], "-" if seed == "0" else "--", color=colour,
-                label=f"{name} seed {seed}")
-    ax.axhline(unigram, color="grey", ls=":", label="unigram entropy")
-    ax.axhline(unigram - MARGIN, color="grey", ls="-.", lw=0.8, label="unigram - 0.3")
-    low, high = ax.get_ylim()
-    ax.set_ylim(min(low, unigram - MARGIN - 0.02), max(high, unigram + 0.02))
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation ELBO (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    for ax, family in zip(axes[0], families):
+        for (name, seed), run in runs:
+            if run["objective"] != family:
+                continue
+            colour = colours.setdefault(name, f"C{len(colours) % 10}")
+            ax.plot([run["tokens"][s] / 1e6 for s, _ in run["val"]], [v for _, v in run["val"]],
+                    "-" if seed == "0" else "--", color=colour, label=f"{name} seed {seed}")
+        ax.axhline(unigram, color="grey", ls=":", label="unigram entropy")
+        ax.axhline(unigram - MARGIN, color="grey", ls="-.", lw=0.8, label="unigram - 0.3")
+        low, high = ax.get_ylim()
+        ax.set_ylim(min(low, unigram - MARGIN - 0.02), max(high, unigram + 0.02))
+        ax.set_xlabel("training tokens (millions)")
+        ax.set_ylabel("validation ELBO (nats/token)" if family != "arm" else "validation NLL (nats/token)")
+        ax.set_title(family.upper())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -93,11 +106,12 @@ def plot(work: Path, unigram: float, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("work", type=Path, help="the pilot's WORK directory (runs/recipe)")
+    parser.add_argument("work", type=Path, help="the runs' WORK directory (runs/recipe, runs/tune)")
+    parser.add_argument("--data", type=Path, help="the token shards (default: WORK/tokens)")
     parser.add_argument("--plot", type=Path, help="write the validation curves here (PNG)")
     parser.add_argument("--json", type=Path, help="write the table here (JSON)")
     args = parser.parse_args(argv)
-    unigram = corpus_unigram_entropy(args.work / "tokens", "val")
+    unigram = corpus_unigram_entropy(args.data or args.work / "tokens", "val")
     table = summarise(args.work, unigram)
     print(markdown(table, unigram))
     if args.json:
