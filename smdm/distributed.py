@@ -15,12 +15,6 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
 from smdm.errors import SmdmError
 
@@ -134,22 +128,30 @@ def _restore_gradient_sync(train_model: torch.nn.Module):
         train_model.set_requires_gradient_sync(True)
 
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# torch.distributed.checkpoint is imported where it is used: it costs 0.6 s, and every `smdm` command (even
+# `--help`) imports this module through smdm.train.
 
 
 def full_model_state(train_model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU weights with plain parameter names (collective: every rank must call it)."""
-    return get_model_state_dict(train_model, options=_FULL)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(train_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def full_optimizer_state(train_model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Unsharded optimizer state keyed by parameter name, so it loads on any world size (collective)."""
-    return get_optimizer_state_dict(train_model, optimizer, options=_FULL)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(train_model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_optimizer_state(train_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                               optimizer_state: dict[str, Any]) -> None:
     """Load a gathered optimizer state into the optimizer of a plain, DDP or FSDP2 model (each rank its shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     set_optimizer_state_dict(train_model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
 
 
