@@ -31,7 +31,7 @@ from smdm.config import ModelConfig, non_embedding_params
 from smdm.errors import SmdmError
 from smdm.flops import FLOPS_COUNTS, flops_per_token
 from smdm.objectives import make_objective, objective_names
-from smdm.scaling import PlannedRun, read_json_object, read_spec_fields
+from smdm.scaling import PlannedRun, family_recipe, read_json_object, read_spec_fields
 
 MANIFEST_FORMAT = "smdm-repeat-manifest-1"
 # Prabhudesai et al. 2025: C_crit(U) = 2.12e15 · U^2.174, U in millions of unique tokens. As recalled from the paper
@@ -109,15 +109,16 @@ def plan_repeat(spec: RepeatSpec, available_tokens: int | None = None) -> list[P
                     steps = max(1, math.ceil(epochs * rows / spec.batch_size))
                     tokens = steps * spec.batch_size * spec.seq_len
                     name = f"{objective}-{config.name}-U{unique}-e{epochs:g}"
+                    warmup, family = family_recipe(spec.train_by_objective, objective, steps, spec.warmup_fraction)
                     train = {
                         "seq_len": spec.seq_len, "batch_size": spec.batch_size, "grad_accum": 1, "lr": spec.lr,
-                        "min_lr_ratio": spec.min_lr_ratio, "warmup_steps": max(1, int(steps * spec.warmup_fraction)),
+                        "min_lr_ratio": spec.min_lr_ratio, "warmup_steps": warmup,
                         "max_steps": steps, "max_unique_tokens": unique,
                         "eval_every": max(1, steps // spec.evals_per_run), "eval_blocks": spec.eval_blocks,
                         "eval_mc_samples": spec.eval_mc_samples,
                         "save_every": max(1, math.ceil(steps / spec.checkpoints_per_run)),
                         "log_every": max(1, steps // 50), "seed": spec.seed, "flops_count": spec.flops_count,
-                        **spec.train, **spec.train_by_objective.get(objective, {}),
+                        **spec.train, **family,
                     }
                     runs.append(PlannedRun(
                         name=name, objective=objective, model=config.name, budget=tokens * per_token[spec.flops_count],

@@ -59,6 +59,7 @@ class SweepSpec:
     seed: int = 0
     train: dict[str, Any] = field(default_factory=dict)  # further TrainConfig fields, e.g. {"weight_decay": 0.1}
     # per-family TrainConfig fields, e.g. {"mdm": {"loss_weighting": "ce", "init": "smdm"}}: each family's own recipe
+    # (plus "warmup_fraction", which replaces the spec's for that family)
     train_by_objective: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
@@ -102,8 +103,10 @@ def _check_spec(spec: SweepSpec) -> None:
     micro = spec.micro_batch_size or spec.batch_size
     if spec.batch_size < 1 or micro < 1 or spec.batch_size % micro:
         raise SmdmError(f"batch_size {spec.batch_size} must be a positive multiple of micro_batch_size {micro}")
-    if not 0 <= spec.warmup_fraction < 1:
-        raise SmdmError("warmup_fraction must lie in [0, 1)")
+    for fraction in [spec.warmup_fraction] + [r["warmup_fraction"] for r in spec.train_by_objective.values()
+                                              if "warmup_fraction" in r]:
+        if not 0 <= fraction < 1:
+            raise SmdmError("warmup_fraction must lie in [0, 1)")
     if spec.sizes_per_budget is not None and spec.sizes_per_budget < 1:
         raise SmdmError("sizes_per_budget must be at least 1")
 
@@ -122,6 +125,14 @@ def _window(configs: list[ModelConfig], budget: float, spec: SweepSpec, objectiv
     centre = min(range(len(ranked)), key=lambda i: abs(math.log(non_embedding_params(ranked[i]) / guess)))
     start = min(max(0, centre - spec.sizes_per_budget // 2), len(ranked) - spec.sizes_per_budget)
     return ranked[start:start + spec.sizes_per_budget]
+
+
+def family_recipe(by_objective: dict[str, dict[str, Any]], objective: str, steps: int,
+                  warmup_fraction: float) -> tuple[int, dict[str, Any]]:
+    """A family's warmup steps and its other TrainConfig fields: a study's `train_by_objective` entry may carry its
+    own "warmup_fraction" (learning rate and warmup are tuned per family, issue 15)."""
+    family = dict(by_objective.get(objective, {}))
+    return max(1, int(steps * family.pop("warmup_fraction", warmup_fraction))), family
 
 
 def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
@@ -148,7 +159,7 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
                     raise SmdmError(f"budget {budget:.3g} FLOPs is too small for {config.name} ({objective}): {steps} "
                                     f"steps, need {max(1, spec.min_steps)} (one step of {tokens_per_step:,} tokens "
                                     f"costs {one_step:.3g} FLOPs)")
-                warmup = max(1, int(steps * spec.warmup_fraction))
+                warmup, family = family_recipe(spec.train_by_objective, objective, steps, spec.warmup_fraction)
                 save_every = max(1, math.ceil(steps / max(1, spec.checkpoints_per_run)))
                 name = f"{objective.replace(':', '')}-{config.name}-C{budget:.0e}".replace("+", "")
                 train = {
@@ -157,7 +168,7 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
                     "eval_every": steps, "eval_blocks": spec.eval_blocks, "eval_mc_samples": spec.eval_mc_samples,
                     "save_every": save_every,
                     "log_every": max(1, steps // 50), "seed": spec.seed, **spec.train,
-                    **spec.train_by_objective.get(objective, {}),
+                    **family,
                 }
                 runs.append(PlannedRun(
                     name=name, objective=objective, model=config.name, budget=budget,

@@ -132,3 +132,13 @@ def test_isoflop_sweep_takes_a_recipe_per_family(tmp_path):
     assert mdm and arm
     assert all(r.train["loss_weighting"] == "ce" and r.train["init"] == "smdm" for r in mdm)
     assert all("loss_weighting" not in r.train and "init" not in r.train for r in arm)
+    # The repeat study takes a family's own warmup fraction too (tuned per family), as the IsoFLOP sweep does.
+    from smdm.repeat import RepeatSpec, plan_repeat
+
+    repeat = RepeatSpec(name="r", data_dir="d", out_dir=str(tmp_path), unique_tokens=[4096], epochs=[64],
+                        models=["scale-18k"], seq_len=128, batch_size=4,
+                        train_by_objective={"arm": {"warmup_fraction": 0.1, "lr": 1e-2}})
+    by_family = {r.objective: r for r in plan_repeat(repeat)}
+    # ARM rows are 129 tokens: 31 rows, 64 epochs of batches of 4 = 496 steps; MDM: 32 rows, 512 steps.
+    assert (by_family["arm"].steps, by_family["arm"].warmup_steps, by_family["arm"].train["lr"]) == (496, 49, 1e-2)
+    assert (by_family["mdm"].steps, by_family["mdm"].warmup_steps) == (512, 5) and "warmup_fraction" not in by_family["arm"].train

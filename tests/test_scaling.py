@@ -87,6 +87,16 @@ def test_plan_windows_sizes_around_the_guessed_optimum():
     assert [r.model for r in runs if r.objective == "arm"] == ["smdm-336m", "smdm-831m", "smdm-1233m"]
 
 
+def test_each_family_may_have_its_own_learning_rate_and_warmup_fraction():
+    """Tuned per family (issue 15): the ARM's lr and warmup fraction, the MDM keeping the spec's."""
+    (mdm, arm) = plan_sweep(_paper_spec(train_by_objective={"arm": {"lr": 1e-2, "warmup_fraction": 0.1}}))
+    assert (mdm.steps, mdm.warmup_steps, mdm.train["lr"]) == (16_038, 160, 2e-4)
+    assert (arm.warmup_steps, arm.train["warmup_steps"], arm.train["lr"]) == (1_603, 1_603, 1e-2)
+    assert "warmup_fraction" not in arm.train  # not a TrainConfig field: it became warmup_steps
+    with pytest.raises(SmdmError, match="warmup_fraction"):
+        plan_sweep(_paper_spec(train_by_objective={"mdm": {"warmup_fraction": 1.5}}))
+
+
 def test_plan_rejects_bad_input():
     with pytest.raises(SmdmError, match="too small for smdm-170m"):
         plan_sweep(_paper_spec(budgets=[1e14]))
