@@ -272,7 +272,10 @@ class PowerLaw:
         """The x at which the law reaches y (inf when y is at or below the irreducible term)."""
         if y <= self.E:
             return math.inf
-        return float(math.exp((math.log(self.A) - math.log(y - self.E)) / self.alpha))
+        try:
+            return float(math.exp((math.log(self.A) - math.log(y - self.E)) / self.alpha))
+        except (OverflowError, ZeroDivisionError):  # a flat law (alpha ~ 0) reaches y nowhere in finite compute
+            return math.inf if y < self.A else 0.0
 
 
 def fit_power_law(x: np.ndarray, y: np.ndarray) -> PowerLaw:
@@ -374,6 +377,35 @@ def compute_gap(mdm: PowerLaw, arm: PowerLaw, flops: float) -> float:
     return mdm.inverse(float(arm(flops))) / flops
 
 
+def envelope_gap(results: list[RunResult], count: str) -> dict[str, Any] | None:
+    """The compute gap without IsoFLOP parabolas: each budget's best MDM run against the ARM's lower envelope.
+
+    The ARM's envelope (its best run per budget) is fitted as L = A·C^-alpha; for the MDM's best run at each budget
+    the gap is the compute that run spent over the compute at which the ARM envelope reaches the same loss. It
+    exists where the MDM's IsoFLOP curves have no usable minimum (small MDMs on their unigram plateau, where the
+    best run sits on the smallest size), and it reads the MDM's measured losses rather than a fitted law. `in_range`
+    says whether the ARM's matching compute lies within its measured budgets (else the envelope is extrapolated).
+    """
+    best: dict[str, dict[float, RunResult]] = {"arm": {}, "mdm": {}}
+    for r in results:
+        if r.objective in best and (r.budget not in best[r.objective] or r.loss < best[r.objective][r.budget].loss):
+            best[r.objective][r.budget] = r
+    if len(best["arm"]) < 2 or not best["mdm"]:
+        return None
+    arm_runs = [best["arm"][b] for b in sorted(best["arm"])]
+    law = fit_power_law([r.flops[count] for r in arm_runs], [r.loss for r in arm_runs])
+    low, high = min(r.flops[count] for r in arm_runs), max(r.flops[count] for r in arm_runs)
+    points = []
+    for budget in sorted(best["mdm"]):
+        run = best["mdm"][budget]
+        arm_flops = law.inverse(run.loss)
+        points.append({"budget": budget, "mdm_run": run.name, "mdm_loss": run.loss, "mdm_flops": run.flops[count],
+                       "arm_flops": arm_flops, "gap": run.flops[count] / arm_flops,
+                       "in_range": bool(low <= arm_flops <= high)})
+    return {"arm_envelope": {"A": law.A, "alpha": law.alpha, "alpha_se": law.alpha_se,
+                             "runs": [r.name for r in arm_runs]}, "points": points}
+
+
 def _interval(values: list[float], level: float = 0.95) -> list[float] | None:
     finite = [v for v in values if math.isfinite(v)]
     if len(finite) < 10:
@@ -405,7 +437,7 @@ def fit_sweep(results: list[RunResult], count: str = "attention", irreducible: b
             fits[family] = {c: _frontier(family_results, c, irreducible) for c in [count, *other]}
         except SmdmError as error:
             report["notes"].append(f"{family}: no fit: {error}")
-    if not fits:
+    if not fits and all(envelope_gap(results, c) is None for c in FLOPS_COUNTS):
         raise SmdmError("; ".join(report["notes"]))
 
     rng = np.random.default_rng(seed)
@@ -462,6 +494,7 @@ def fit_sweep(results: list[RunResult], count: str = "attention", irreducible: b
                         "ci95": _interval(gap_samples.get(f"{c}:{label}", []))}
                 for label, flops in gap_at.items()
             }
+    report["compute_gap_envelope"] = {c: envelope_gap(results, c) for c in [count, *other]}
     report["bootstrap"] = {"replicates": bootstrap, "seed": seed, "method": "residual (pooled parabola residuals)"}
     return report
 
@@ -506,14 +539,15 @@ def plot_sweep(results: list[RunResult], report: dict[str, Any], out_dir: str | 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     count = report["flops_count"]
-    families = [f for f in ("mdm", "arm") if f in report["families"]]
+    families = [f for f in ("mdm", "arm") if any(r.objective == f for r in results)]
+    fitted = report["families"]  # families whose IsoFLOP parabolas gave a law (an MDM on its plateau may not)
     budgets = sorted({r.budget for r in results})
     colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(1, len(budgets))))
     written = []
 
     fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4.2), squeeze=False, sharey=True)
     for ax, family in zip(axes[0], families):
-        optima = {o["budget"]: o for o in report["families"][family]["optima"]}
+        optima = {o["budget"]: o for o in fitted[family]["optima"]} if family in fitted else {}
         for colour, budget in zip(colours, budgets):
             points = sorted((r for r in results if r.objective == family and r.budget == budget),
                             key=lambda r: r.n_params)
@@ -540,16 +574,24 @@ def plot_sweep(results: list[RunResult], report: dict[str, Any], out_dir: str | 
 
     fig, ax = plt.subplots(figsize=(6.2, 4.4))
     style = {"mdm": ("tab:blue", "MDM"), "arm": ("tab:orange", "ARM")}
-    lo = min(o["flops_opt"][count] for f in families for o in report["families"][f]["optima"])
-    hi = max(o["flops_opt"][count] for f in families for o in report["families"][f]["optima"])
-    grid = np.geomspace(lo / 2, hi * 2, 100)
+    spent = [r.flops[count] for r in results]
+    grid = np.geomspace(min(spent) / 2, max(spent) * 2, 100)
     for family in families:
         colour, label = style[family]
         family_runs = [r for r in results if r.objective == family]
         ax.plot([r.flops[count] for r in family_runs], [r.loss for r in family_runs], ".", color=colour, alpha=0.25)
-        optima = report["families"][family]["optima"]
+        best = {}
+        for r in family_runs:  # the lower envelope: each budget's best run, wherever it sits
+            if r.budget not in best or r.loss < best[r.budget].loss:
+                best[r.budget] = r
+        envelope = [best[b] for b in sorted(best)]
+        ax.plot([r.flops[count] for r in envelope], [r.loss for r in envelope], "--", color=colour, lw=1,
+                label=f"{label}: best run per budget")
+        if family not in fitted:
+            continue
+        optima = fitted[family]["optima"]
         ax.plot([o["flops_opt"][count] for o in optima], [o["loss_opt"] for o in optima], "o", color=colour, mec="k")
-        law = report["families"][family]["loss_vs_flops"]
+        law = fitted[family]["loss_vs_flops"]
         ci = law["alpha_ci95"]
         ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
         ax.plot(grid, law["A"] * grid ** -law["alpha"], "-", color=colour,
@@ -557,10 +599,16 @@ def plot_sweep(results: list[RunResult], report: dict[str, Any], out_dir: str | 
     if unigram is not None:
         ax.axhline(unigram, color="grey", ls=":", lw=1, label="unigram entropy of the validation text")
     gap = report.get("compute_gap", {}).get(count)
+    envelope = (report.get("compute_gap_envelope") or {}).get(count)
     if gap:
         values = [g["gap"] for g in gap.values() if math.isfinite(g["gap"])]
         if values:
             ax.set_title(f"compute gap (MDM/ARM) {min(values):.1f}x-{max(values):.1f}x over the sweep", fontsize=10)
+    elif envelope:
+        values = [p["gap"] for p in envelope["points"] if math.isfinite(p["gap"]) and p["gap"] > 0]
+        if values:
+            ax.set_title(f"compute gap from the best runs (MDM/ARM) {min(values):.1f}x-{max(values):.1f}x",
+                         fontsize=10)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(f"training FLOPs ({'6N + 6LTd' if count == 'attention' else '6N'} per token)")

@@ -319,5 +319,12 @@ def fit_report(spec: SweepSpec, runs: list[PlannedRun], out: str | Path, data_di
         lines.append(f"compute gap MDM/ARM ({count}): " + ", ".join(
             f"{g['gap']:.1f}x at {label}" + (f" [{g['ci95'][0]:.1f}, {g['ci95'][1]:.1f}]" if g["ci95"] else "")
             for label, g in gaps.items()))
+    for count, envelope in report["compute_gap_envelope"].items():
+        if envelope is not None:
+            lines.append(f"compute gap MDM/ARM from the best runs ({count}; ARM lower envelope "
+                         f"L = {envelope['arm_envelope']['A']:.4g} * C^-{envelope['arm_envelope']['alpha']:.4f}): "
+                         + ", ".join(f"{p['gap']:.1f}x at {p['budget']:.3g} (MDM {p['mdm_loss']:.3f}"
+                                     + ("" if p["in_range"] else ", ARM extrapolated") + ")"
+                                     for p in envelope["points"]))
     lines += [f"wrote {path}" for path in [out / "scaling.json", *plot_sweep(results, report, out, unigram)]]
     return lines

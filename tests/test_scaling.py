@@ -21,6 +21,7 @@ from smdm.errors import SmdmError
 from smdm.scaling import (
     RunResult,
     SweepSpec,
+    envelope_gap,
     fit_power_law,
     fit_power_law_irreducible,
     fit_sweep,
@@ -163,12 +164,45 @@ def test_fitter_recovers_known_exponents_and_compute_gap():
         assert gap["ci95"][0] < gap["gap"] < gap["ci95"][1]
 
 
+def test_envelope_gap_reads_the_best_runs_without_parabolas():
+    """The model-free gap: an MDM that needs exactly 16x the ARM's compute gives 16x at every budget, and it is
+    still reported when the MDM's IsoFLOP curves are flat (no parabola fit, as on the unigram plateau)."""
+    arm = _synthetic("arm", seed=1, noise=0.0)
+    law_points = {}
+    for r in arm:
+        if r.budget not in law_points or r.loss < law_points[r.budget].loss:
+            law_points[r.budget] = r
+    arm_law = fit_power_law([r.budget for r in law_points.values()], [r.loss for r in law_points.values()])
+    mdm = [RunResult(f"mdm-{i}-{b:.0e}", "mdm", b, 1e6 * 2 ** i, b / 6e6, {"attention": b, "6n": b},
+                     float(arm_law(b / 16)) + 0.05 * i)  # best (i = 0) exactly on the ARM envelope at C/16
+           for b in (1e18, 1e19, 1e20) for i in range(3)]
+    gap = envelope_gap(arm + mdm, "attention")
+    assert [p["budget"] for p in gap["points"]] == [1e18, 1e19, 1e20]
+    for point in gap["points"]:
+        assert point["gap"] == pytest.approx(16, rel=1e-6) and point["mdm_run"].startswith("mdm-0-")
+        assert point["in_range"] == (point["budget"] >= 16 * 1e17)
+    flat = [RunResult(r.name, r.objective, r.budget, r.n_params, r.tokens, r.flops, 5.0 + 0.01 * (r.name[4] == "1"))
+            for r in mdm]  # the middle size is worst at every budget: no IsoFLOP minimum, so no MDM law ...
+    report = fit_sweep(arm + flat, bootstrap=10)
+    assert "mdm" not in report["families"] and any("mdm: no fit" in n for n in report["notes"])
+    points = report["compute_gap_envelope"]["attention"]["points"]  # ... but the best-run gap is still there
+    assert [p["mdm_loss"] for p in points] == pytest.approx([5.0] * 3)
+    assert envelope_gap(arm, "attention") is None
+
+
 def test_fitter_tells_different_exponents_apart():
     # An MDM whose loss falls more slowly (exponent 0.25·0.2/0.45 = 0.111) next to the ARM (0.154).
     report = fit_sweep(_synthetic("arm", seed=1) + _synthetic("mdm", seed=3, al=0.25, be=0.2), bootstrap=100)
     mdm, arm = (report["families"][f]["loss_vs_flops"] for f in ("mdm", "arm"))
     assert mdm["alpha"] == pytest.approx(0.25 * 0.2 / 0.45, abs=0.01)
     assert mdm["alpha_ci95"][1] < arm["alpha_ci95"][0]
+
+
+def test_a_flat_law_is_reached_nowhere_instead_of_overflowing():
+    from smdm.scaling import PowerLaw
+
+    flat = PowerLaw(A=5.0, alpha=1e-9)
+    assert flat.inverse(4.0) == math.inf and flat.inverse(6.0) == 0.0
 
 
 def test_power_law_fits_on_exact_data():
