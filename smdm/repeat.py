@@ -171,14 +171,11 @@ class RepeatPoint:
 
 def collect_points(runs: list[PlannedRun]) -> tuple[list[RepeatPoint], dict[str, str]]:
     """Finished runs as points, and the unfinished ones with the reason they were left out."""
-    from smdm.sweep import run_status
+    from smdm.sweep import finished_runs
 
-    points, missing = [], {}
-    for run in runs:
-        status = run_status(run)
-        if status.state != "done":
-            missing[run.name] = status.reason
-            continue
+    done, missing = finished_runs(runs)
+    points = []
+    for run, final_loss in done:
         losses = []
         for line in (Path(run.out_dir) / "metrics.jsonl").read_text().splitlines():
             try:
@@ -191,7 +188,7 @@ def collect_points(runs: list[PlannedRun]) -> tuple[list[RepeatPoint], dict[str,
         rows = unique // make_objective(run.objective).block_length(run.seq_len)
         points.append(RepeatPoint(run.name, run.objective, run.model, run.non_embedding_params, unique,
                                   epochs=run.steps * run.batch_size / rows, flops=run.flops,
-                                  best_loss=min(losses), final_loss=float(status.loss)))
+                                  best_loss=min(losses), final_loss=final_loss))
     return points, missing
 
 

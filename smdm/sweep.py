@@ -192,18 +192,26 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def collect_results(runs: list[PlannedRun]) -> tuple[list[RunResult], dict[str, str]]:
-    """Finished runs as fit inputs, and the others with the reason they were left out (not an error)."""
-    results, missing = [], {}
+def finished_runs(runs: list[PlannedRun]) -> tuple[list[tuple[PlannedRun, float]], dict[str, str]]:
+    """Each finished run with its final validation loss, and the others with the reason they are left out of a fit
+    (not an error). Shared by the IsoFLOP and the repeated-data fits."""
+    done, missing = [], {}
     for run in runs:
         status = run_status(run)
-        if status.state != "done":
+        if status.state == "done":
+            done.append((run, float(status.loss)))
+        else:
             missing[run.name] = status.reason
-            continue
-        results.append(RunResult(name=run.name, objective=run.objective, budget=run.budget,
-                                 n_params=run.non_embedding_params, tokens=run.tokens,
-                                 flops={c: run.tokens * f for c, f in run.flops_per_token.items()},
-                                 loss=status.loss))
+    return done, missing
+
+
+def collect_results(runs: list[PlannedRun]) -> tuple[list[RunResult], dict[str, str]]:
+    """Finished runs as fit inputs, and the others with the reason they were left out (not an error)."""
+    done, missing = finished_runs(runs)
+    results = [RunResult(name=run.name, objective=run.objective, budget=run.budget,
+                         n_params=run.non_embedding_params, tokens=run.tokens,
+                         flops={c: run.tokens * f for c, f in run.flops_per_token.items()}, loss=loss)
+               for run, loss in done]
     return results, missing
 
 
