@@ -46,10 +46,14 @@ if TYPE_CHECKING:  # smdm.sample and smdm.likelihood import this module lazily; 
 def training_mask(length: int, block_size: int, device: torch.device | None = None) -> torch.Tensor:
     """(2L, 2L) boolean mask, True = may attend, over [noisy x_t | clean x_0] (BD3-LM's M_BD | M_OBC | M_BC)."""
     index = torch.arange(2 * length, device=device)
-    clean = index >= length
-    block = (index % length) // block_size
-    q_clean, k_clean = clean[:, None], clean[None, :]
-    q_block, k_block = block[:, None], block[None, :]
+    return _visible(index[:, None], index[None, :], length, block_size)
+
+
+def _visible(q: torch.Tensor, k: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Whether query slot q may attend to key slot k in the 2L-token training pass (index tensors, broadcast):
+    the one rule behind both the dense mask and the FlexAttention BlockMask."""
+    q_clean, k_clean = q >= length, k >= length
+    q_block, k_block = (q % length) // block_size, (k % length) // block_size
     block_diagonal = (q_block == k_block) & (q_clean == k_clean)
     offset_block_causal = (q_block > k_block) & k_clean & ~q_clean
     block_causal = (q_block >= k_block) & k_clean & q_clean
@@ -89,11 +93,8 @@ def _flex_training_mask(length: int, block_size: int, device: str):
     """`training_mask` as a FlexAttention BlockMask (built once per shape: it costs a pass over the mask)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def allowed(batch, head, q, k):  # the same three rules as training_mask, on index tensors
-        q_clean, k_clean = q >= length, k >= length
-        q_block, k_block = (q % length) // block_size, (k % length) // block_size
-        return (((q_block == k_block) & (q_clean == k_clean)) | ((q_block > k_block) & k_clean & ~q_clean)
-                | ((q_block >= k_block) & k_clean & q_clean))
+    def allowed(batch, head, q, k):
+        return _visible(q, k, length, block_size)
 
     tile = 128 if device.startswith("cuda") else 16  # the kernel's tile; small on CPU so tiny tests stay sparse
     return create_block_mask(allowed, None, None, 2 * length, 2 * length, device=device, BLOCK_SIZE=tile)

@@ -174,16 +174,16 @@ class Attention(nn.Module):
             cache_slots = input_pos  # each query at slot p sees cached slots <= p (later slots are unwritten)
         elif window is not None:
             k, v = window.keys_values(k, v)
-        is_causal = False
-        if attn_mask is None:
-            attn_mask, is_causal = attention_mask(seq_len, k.size(2), self.causal, key_mask, cache_slots)
-        elif not isinstance(attn_mask, torch.Tensor):  # a FlexAttention BlockMask (block diffusion's training mask)
+        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):  # a FlexAttention BlockMask
             y = flex_attention(q, k, v, attn_mask, grouped=self.n_kv != self.n_head)
-            return self.proj(y.transpose(1, 2).reshape(batch, seq_len, self.n_head * self.head_size))
-        if self.n_kv != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal and seq_len > 1)
+        else:
+            is_causal = False
+            if attn_mask is None:
+                attn_mask, is_causal = attention_mask(seq_len, k.size(2), self.causal, key_mask, cache_slots)
+            if self.n_kv != self.n_head:
+                k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+                v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal and seq_len > 1)
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, self.n_head * self.head_size))
 
 
