@@ -343,13 +343,22 @@ def isoflop_optimum(points: list[RunResult]) -> Optimum | str:
                    inside=bool(x.min() <= x_opt <= x.max()))
 
 
+def best_per_budget(results: list[RunResult], objective: str | None = None) -> list[RunResult]:
+    """The lower envelope: each budget's best run (of one family when `objective` is given), by budget."""
+    best: dict[float, RunResult] = {}
+    for r in results:
+        if (objective is None or r.objective == objective) and (r.budget not in best or r.loss < best[r.budget].loss):
+            best[r.budget] = r
+    return [best[b] for b in sorted(best)]
+
+
 def _frontier(results: list[RunResult], count: str, irreducible: bool) -> dict[str, Any]:
     """Optima per budget, then L*(C), N*(C), D*(C) power laws. Raises SmdmError when too few optima remain."""
     groups: dict[float, list[RunResult]] = {}
     for r in results:
         groups.setdefault(r.budget, []).append(r)
     # The lower envelope needs no parabola: the best run of each budget, wherever it sits.
-    best = [min(groups[b], key=lambda r: r.loss) for b in sorted(groups)]
+    best = best_per_budget(results)
     envelope = fit_power_law([r.flops[count] for r in best], [r.loss for r in best]) if len(best) >= 2 else None
     optima, skipped = [], {}
     for budget in sorted(groups):
@@ -386,20 +395,15 @@ def envelope_gap(results: list[RunResult], count: str) -> dict[str, Any] | None:
     best run sits on the smallest size), and it reads the MDM's measured losses rather than a fitted law. `in_range`
     says whether the ARM's matching compute lies within its measured budgets (else the envelope is extrapolated).
     """
-    best: dict[str, dict[float, RunResult]] = {"arm": {}, "mdm": {}}
-    for r in results:
-        if r.objective in best and (r.budget not in best[r.objective] or r.loss < best[r.objective][r.budget].loss):
-            best[r.objective][r.budget] = r
-    if len(best["arm"]) < 2 or not best["mdm"]:
+    arm_runs, mdm_runs = best_per_budget(results, "arm"), best_per_budget(results, "mdm")
+    if len(arm_runs) < 2 or not mdm_runs:
         return None
-    arm_runs = [best["arm"][b] for b in sorted(best["arm"])]
     law = fit_power_law([r.flops[count] for r in arm_runs], [r.loss for r in arm_runs])
     low, high = min(r.flops[count] for r in arm_runs), max(r.flops[count] for r in arm_runs)
     points = []
-    for budget in sorted(best["mdm"]):
-        run = best["mdm"][budget]
+    for run in mdm_runs:
         arm_flops = law.inverse(run.loss)
-        points.append({"budget": budget, "mdm_run": run.name, "mdm_loss": run.loss, "mdm_flops": run.flops[count],
+        points.append({"budget": run.budget, "mdm_run": run.name, "mdm_loss": run.loss, "mdm_flops": run.flops[count],
                        "arm_flops": arm_flops, "gap": run.flops[count] / arm_flops,
                        "in_range": bool(low <= arm_flops <= high)})
     return {"arm_envelope": {"A": law.A, "alpha": law.alpha, "alpha_se": law.alpha_se,
@@ -580,11 +584,7 @@ def plot_sweep(results: list[RunResult], report: dict[str, Any], out_dir: str | 
         colour, label = style[family]
         family_runs = [r for r in results if r.objective == family]
         ax.plot([r.flops[count] for r in family_runs], [r.loss for r in family_runs], ".", color=colour, alpha=0.25)
-        best = {}
-        for r in family_runs:  # the lower envelope: each budget's best run, wherever it sits
-            if r.budget not in best or r.loss < best[r.budget].loss:
-                best[r.budget] = r
-        envelope = [best[b] for b in sorted(best)]
+        envelope = best_per_budget(family_runs)
         ax.plot([r.flops[count] for r in envelope], [r.loss for r in envelope], "--", color=colour, lw=1,
                 label=f"{label}: best run per budget")
         if family not in fitted:
