@@ -64,6 +64,14 @@ class RepeatSpec:
     seed: int = 0
     train: dict[str, Any] = field(default_factory=dict)  # further TrainConfig fields for every run
     train_by_objective: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"mdm": {"init": "smdm"}}
+    # a family's own epoch counts, replacing `epochs` for it: an ARM overfits within tens of epochs while an MDM
+    # keeps improving for hundreds (Prabhudesai et al. 2025), so one shared list wastes hours on one family
+    epochs_by_objective: dict[str, list[float]] = field(default_factory=dict)
+
+    def runs_per_model(self) -> list[tuple[str, float]]:
+        """(objective, epochs) for every run of one U and model size: shortest first, families as listed."""
+        pairs = [(o, e) for o in self.objectives for e in self.epochs_by_objective.get(o, self.epochs)]
+        return sorted(pairs, key=lambda pair: (pair[1], self.objectives.index(pair[0])))
 
     @classmethod
     def from_file(cls, path: str | Path) -> RepeatSpec:
@@ -77,11 +85,15 @@ def _check(spec: RepeatSpec) -> None:
         raise SmdmError("a repeat study needs unique_tokens, epochs, models and objectives")
     if any(int(u) != u or u < 1 for u in spec.unique_tokens):
         raise SmdmError(f"unique_tokens must be positive integers, got {spec.unique_tokens}")
-    if any(not (e > 0 and math.isfinite(e)) for e in spec.epochs):
-        raise SmdmError(f"epochs must be positive numbers, got {spec.epochs}")
     for objective in spec.objectives:
         if objective not in objective_names():
             raise SmdmError(f"unknown objective {objective!r}; use one of {', '.join(objective_names())}")
+    for objective in spec.epochs_by_objective:
+        if objective not in spec.objectives:
+            raise SmdmError(f"epochs_by_objective names {objective!r}, which is not in objectives {spec.objectives}")
+    for epochs in [spec.epochs, *spec.epochs_by_objective.values()]:
+        if not epochs or any(not (isinstance(e, (int, float)) and e > 0 and math.isfinite(e)) for e in epochs):
+            raise SmdmError(f"epochs must be non-empty lists of positive numbers, got {epochs}")
     if spec.flops_count not in FLOPS_COUNTS:
         raise SmdmError(f"unknown flops_count {spec.flops_count!r}; use one of {', '.join(FLOPS_COUNTS)}")
     for name in ("seq_len", "batch_size", "evals_per_run", "eval_blocks", "eval_mc_samples", "checkpoints_per_run"):
@@ -101,33 +113,32 @@ def plan_repeat(spec: RepeatSpec, available_tokens: int | None = None) -> list[P
             if spec.seq_len > config.block_size:
                 raise SmdmError(f"seq_len {spec.seq_len} exceeds {config.name}'s block size {config.block_size}")
             per_token = {c: flops_per_token(config, spec.seq_len, c) for c in FLOPS_COUNTS}
-            for epochs in sorted(spec.epochs):
-                for objective in spec.objectives:
-                    rows = unique // make_objective(objective).block_length(spec.seq_len)
-                    if rows < 1:
-                        raise SmdmError(f"U = {unique} tokens is less than one block of {objective}")
-                    steps = max(1, math.ceil(epochs * rows / spec.batch_size))
-                    tokens = steps * spec.batch_size * spec.seq_len
-                    name = f"{objective}-{config.name}-U{unique}-e{epochs:g}"
-                    warmup, family = family_recipe(spec.train_by_objective, objective, steps, spec.warmup_fraction)
-                    train = {
-                        "seq_len": spec.seq_len, "batch_size": spec.batch_size, "grad_accum": 1, "lr": spec.lr,
-                        "min_lr_ratio": spec.min_lr_ratio, "warmup_steps": warmup,
-                        "max_steps": steps, "max_unique_tokens": unique,
-                        "eval_every": max(1, steps // spec.evals_per_run), "eval_blocks": spec.eval_blocks,
-                        "eval_mc_samples": spec.eval_mc_samples,
-                        "save_every": max(1, math.ceil(steps / spec.checkpoints_per_run)),
-                        "log_every": max(1, steps // 50), "seed": spec.seed, "flops_count": spec.flops_count,
-                        **spec.train, **family,
-                    }
-                    runs.append(PlannedRun(
-                        name=name, objective=objective, model=config.name, budget=tokens * per_token[spec.flops_count],
-                        non_embedding_params=non_embedding_params(config), seq_len=spec.seq_len,
-                        batch_size=spec.batch_size, micro_batch_size=spec.batch_size, steps=steps,
-                        warmup_steps=train["warmup_steps"], tokens=tokens,
-                        flops=tokens * per_token[spec.flops_count], flops_per_token=per_token,
-                        out_dir=str(Path(spec.out_dir) / name), train=train,
-                    ))
+            for objective, epochs in spec.runs_per_model():
+                rows = unique // make_objective(objective).block_length(spec.seq_len)
+                if rows < 1:
+                    raise SmdmError(f"U = {unique} tokens is less than one block of {objective}")
+                steps = max(1, math.ceil(epochs * rows / spec.batch_size))
+                tokens = steps * spec.batch_size * spec.seq_len
+                name = f"{objective}-{config.name}-U{unique}-e{epochs:g}"
+                warmup, family = family_recipe(spec.train_by_objective, objective, steps, spec.warmup_fraction)
+                train = {
+                    "seq_len": spec.seq_len, "batch_size": spec.batch_size, "grad_accum": 1, "lr": spec.lr,
+                    "min_lr_ratio": spec.min_lr_ratio, "warmup_steps": warmup,
+                    "max_steps": steps, "max_unique_tokens": unique,
+                    "eval_every": max(1, steps // spec.evals_per_run), "eval_blocks": spec.eval_blocks,
+                    "eval_mc_samples": spec.eval_mc_samples,
+                    "save_every": max(1, math.ceil(steps / spec.checkpoints_per_run)),
+                    "log_every": max(1, steps // 50), "seed": spec.seed, "flops_count": spec.flops_count,
+                    **spec.train, **family,
+                }
+                runs.append(PlannedRun(
+                    name=name, objective=objective, model=config.name, budget=tokens * per_token[spec.flops_count],
+                    non_embedding_params=non_embedding_params(config), seq_len=spec.seq_len,
+                    batch_size=spec.batch_size, micro_batch_size=spec.batch_size, steps=steps,
+                    warmup_steps=train["warmup_steps"], tokens=tokens,
+                    flops=tokens * per_token[spec.flops_count], flops_per_token=per_token,
+                    out_dir=str(Path(spec.out_dir) / name), train=train,
+                ))
     return runs
 
 

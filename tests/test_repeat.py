@@ -87,6 +87,21 @@ def test_plan_covers_every_combination_with_epoch_budgets(tmp_path):
         plan_repeat(_spec(tmp_path, tmp_path, objectives=["gpt"]))
 
 
+def test_each_family_can_have_its_own_epochs(tmp_path):
+    spec = _spec(tmp_path, tmp_path, epochs=[1, 2], epochs_by_objective={"mdm": [2, 8]})
+    runs = plan_repeat(spec)
+    assert [r.name for r in runs] == ["arm-tiny-test-U330-e1", "mdm-tiny-test-U330-e2", "arm-tiny-test-U330-e2",
+                                      "mdm-tiny-test-U330-e8"]
+    by_name = {r.name: r for r in runs}
+    assert by_name["mdm-tiny-test-U330-e8"].steps == math.ceil(8 * (330 // 32) / 4)
+    with pytest.raises(SmdmError, match="not in objectives"):
+        plan_repeat(_spec(tmp_path, tmp_path, objectives=["arm"], epochs_by_objective={"mdm": [2]}))
+    with pytest.raises(SmdmError, match="positive numbers"):
+        plan_repeat(_spec(tmp_path, tmp_path, epochs_by_objective={"mdm": [0]}))
+    with pytest.raises(SmdmError, match="positive numbers"):
+        plan_repeat(_spec(tmp_path, tmp_path, epochs_by_objective={"mdm": []}))
+
+
 def test_tiny_study_end_to_end(toy_data, tmp_path, capsys):
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(vars(_spec(tmp_path, toy_data))))
