@@ -40,7 +40,7 @@ from smdm.checkpoint import load_checkpoint
 from smdm.corpus import default_corpus
 from smdm.data.prepare import PrepareConfig, prepare_corpus, read_documents
 from smdm.model import Transformer
-from smdm.sample import generate
+from smdm.sample import generate, prepare_prompts
 from smdm.tokenizer import Tokenizer, train_bpe
 from smdm.train import TrainConfig, train
 
@@ -119,18 +119,21 @@ def bdm_methods(block_sizes: list[int], temperature: float, thresholds: list[flo
     return rows
 
 
-def train_bdms(data: Path, work: Path, args: argparse.Namespace) -> dict[int, Path]:
-    """One block-diffusion model per block size, by the pair's recipe at equal training FLOPs (reused when done)."""
+def train_bdms(data: Path, work: Path, args: argparse.Namespace, arm_dir: Path) -> dict[int, Path]:
+    """One block-diffusion model per block size, by the pair's recipe at equal training FLOPs (reused when done);
+    with --bdm-from-arm, adapted from the pair's ARM instead (Fast-dLLM v2's route: token shift, --bdm-lr)."""
     runs = {}
     for size in args.bdm_block_sizes:
-        out = work / f"bdm{size}"
+        out = work / (f"bdm{size}-from-arm" if args.bdm_from_arm else f"bdm{size}")
         if not (out / "summary.json").exists():
             print(f"training the BDM B={size} -> {out}", flush=True)
+            adapt = {"init_from": str(arm_dir), "lr": args.bdm_lr or args.lr} if args.bdm_from_arm else {
+                "model": args.model, "lr": args.lr}
             train(TrainConfig(
-                data_dir=str(data), out_dir=str(out), model=args.model, objective="bdm", diffusion_block_size=size,
-                seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, low_discrepancy=True,
+                data_dir=str(data), out_dir=str(out), objective="bdm", diffusion_block_size=size,
+                seq_len=args.seq_len, batch_size=args.batch_size, low_discrepancy=True,
                 max_steps=args.bdm_steps or max(1, args.train_steps // 2), eval_every=150, save_every=150,
-                eval_blocks=64, threads=args.threads, resume=True, progress=False,
+                eval_blocks=64, threads=args.threads, resume=True, progress=False, **adapt,
             ))
         runs[size] = out
     return runs
@@ -197,7 +200,7 @@ def run_benchmark(mdm: Transformer, arm: Transformer, eos: int, args: argparse.N
         if given is not None:
             prompts = given.tolist()
         else:
-            prompts = [[eos]] * args.samples if method.arm else [[]] * args.samples
+            prompts = prepare_prompts(model, [[]] * args.samples, eos)  # an ARM (or adapted BDM) starts after EOS
 
         def run(method: Method = method, model: Transformer = model, prompts: list = prompts):
             return generate(model, prompts, args.length, generator=torch.Generator().manual_seed(args.seed),
@@ -314,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bdm-steps", type=int, default=None,
                         help="BDM training steps (default: half of --train-steps, equal training FLOPs)")
     parser.add_argument("--bdm-only", action="store_true", help="time the ARM and the BDMs only (skip MDM rows)")
+    parser.add_argument("--bdm-from-arm", action="store_true",
+                        help="adapt the BDMs from the pair's ARM (token shift, Fast-dLLM v2) instead of from scratch")
+    parser.add_argument("--bdm-lr", type=float, default=None, help="the BDMs' learning rate (default: --lr)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -322,14 +328,14 @@ def main(argv: list[str] | None = None) -> None:
     data = prepare_data(work)
     mdm_dir, arm_dir = train_pair(data, work, args.threads, args.train_steps, args.model, args.batch_size,
                                 args.lr, args.seq_len)
-    bdm_dirs = train_bdms(data, work, args)
+    bdm_dirs = train_bdms(data, work, args, arm_dir)
     if args.train_only:
         return
     mdm, arm = load_checkpoint(mdm_dir, args.device).model, load_checkpoint(arm_dir, args.device).model
     bdms = {size: load_checkpoint(path, args.device).model for size, path in bdm_dirs.items()}
-    for model in bdms.values():
-        generate(model, [[]], 8)  # warm-up
     eos = int(json.loads((data / "manifest.json").read_text())["tokenizer"]["eos_id"])
+    for model in bdms.values():
+        generate(model, prepare_prompts(model, [[]], eos), 8)  # warm-up
     setting = f"after {args.prompt_tokens}-token prompts" if args.prompt_tokens else "unconditional"
     print(f"{args.model} MDM vs ARM, {args.samples} samples x {args.length} tokens ({setting}), "
           f"temperature {args.temperature}, "

@@ -18,6 +18,12 @@ clean blocks up to it, so nothing cached ever changes); each new block is denois
 the cache plus the block itself. The finished block is written into the cache by the first pass of the next block
 (its clean tokens ride along in front of the next noisy block, under the same block-causal rule), so a block costs
 exactly `steps` forward passes.
+
+A `shifted` model (an ARM adapted into a BDM, as Fast-dLLM v2 does: Wu et al. 2025, arXiv 2509.26328, "token
+shift") predicts token i from the hidden state at i-1, as the ARM did. In one left-to-right stream (sampling,
+the chain score) that is the model's own un-shift; in the [noisy | clean] training pass a noisy block's first token
+is predicted from the *clean* copy of the token before it (`shifted_sources`), the last token of the clean block
+the noisy block sees. Position 0 has no prediction: it is never masked, and prompts and prefixes must be non-empty.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from smdm.diffusion import MASK_EPS, response_positions
+from smdm.diffusion import MASK_EPS, is_shifted, predicted_positions, response_positions
 from smdm.errors import SmdmError
 from smdm.model import KVCache, Transformer
 from smdm.sampler_settings import REMASKINGS
@@ -145,6 +151,20 @@ def check_time_range(t_min: float, t_max: float) -> None:
         raise SmdmError(f"the masking-rate range must satisfy 0 < t_min <= t_max <= 1, got [{t_min}, {t_max}]")
 
 
+def shifted_sources(length: int, block_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """(2L,) the hidden state that predicts each position of a shifted model's [noisy | clean] pass.
+
+    Noisy token i comes from noisy position i-1 inside its block and, at a block's first position, from the clean
+    copy of token i-1 (slot L + i - 1: the last token of the clean block before it, visible to the noisy block);
+    clean token i from clean position i-1. Position 0 of each half keeps its own state (no prediction is asked).
+    """
+    i = torch.arange(length, device=device)
+    noisy = torch.where(i % block_size == 0, length + i - 1, i - 1)
+    sources = torch.cat([noisy, length + i - 1])
+    sources[0], sources[length] = 0, length
+    return sources
+
+
 def vectorised_logits(model: torch.nn.Module, noisy: torch.Tensor, clean: torch.Tensor, block_size: int,
                       select: torch.Tensor | None = None, kernel: str = "auto") -> torch.Tensor:
     """Logits of the noisy half from one pass over [noisy | clean] (2L tokens) under the block-diffusion mask.
@@ -156,10 +176,11 @@ def vectorised_logits(model: torch.nn.Module, noisy: torch.Tensor, clean: torch.
     positions = torch.arange(length, device=noisy.device).repeat(2)[None]  # clean copy: same RoPE positions
     mask = training_attention(length, block_size, noisy.device, kernel)
     x = torch.cat([noisy, clean], dim=1)
+    shift = {"unshift_index": shifted_sources(length, block_size, noisy.device)} if is_shifted(model) else {}
     if select is None:
-        return model(x, positions=positions, attn_mask=mask)[:, :length]
+        return model(x, positions=positions, attn_mask=mask, **shift)[:, :length]
     wide_select = torch.cat([select, torch.zeros_like(select)], dim=1)
-    return model(x, select=wide_select, positions=positions, attn_mask=mask)
+    return model(x, select=wide_select, positions=positions, attn_mask=mask, **shift)
 
 
 def block_diffusion_ce(model: torch.nn.Module, tokens: torch.Tensor, noisy: torch.Tensor, masked: torch.Tensor,
@@ -195,7 +216,8 @@ def bdm_step_loss(model: torch.nn.Module, tokens: torch.Tensor, block_size: int,
     mask_id = model.mask_id if mask_id is None else mask_id
     times = sample_block_times(tokens.size(0), -(-tokens.size(1) // block_size), generator, t_min, t_max,
                                low_discrepancy)
-    noisy, masked, mask_prob = mask_blocks(tokens, times, block_size, mask_id, generator)
+    noisy, masked, mask_prob = mask_blocks(tokens, times, block_size, mask_id, generator,
+                                           maskable=predicted_positions(model, tokens))
     return block_diffusion_ce(model, tokens, noisy, masked, mask_prob, block_size).sum() / tokens.numel()
 
 
@@ -213,6 +235,9 @@ def bdm_sft_step_loss(model: torch.nn.Module, tokens: torch.Tensor, prompt_lengt
     batch, length = tokens.shape
     prompt_lengths = prompt_lengths.to(tokens.device)
     response = response_positions(prompt_lengths, length)
+    predicted = predicted_positions(model, tokens)
+    if predicted is not None:
+        response = response & predicted
     times = sample_block_times(batch, -(-length // block_size), generator, t_min, t_max, low_discrepancy)
     noisy, masked, mask_prob = mask_blocks(tokens, times, block_size, mask_id, generator, maskable=response)
     clean = tokens
@@ -373,9 +398,14 @@ def block_logits(model: Transformer, x: torch.Tensor, rows: _Rows, settings: Blo
     """Logits (B, block, V) of the block ending at column `end`.
 
     Cached: the pass covers columns [fresh, end): the finished block(s) not yet cached, then the noisy block.
-    Uncached: everything up to `end` is recomputed under the same block-causal rule.
+    Uncached: everything up to `end` is recomputed under the same block-causal rule. A shifted model predicts the
+    block's first token from the column before it, so its cached passes start there (that clean column is recomputed
+    under the same rule, which writes the same keys into its slot again).
     """
     begin = fresh if settings.cache else 0
+    start = end - settings.block_size
+    if begin == start > 0 and model.config.shifted:
+        begin -= 1
     query = torch.arange(begin, end, device=x.device)
     key_real = rows.key_real
     if settings.cache:
@@ -470,6 +500,9 @@ def generate_blocks(model: Transformer, prompt_ids: PromptIds, length: int, step
     vocab = model.config.vocab_size
     if any(not 0 <= i < vocab for prompt in prompts for i in prompt):
         raise SmdmError(f"prompt ids must lie in [0, {vocab}) (the vocabulary, [MASK] excluded)")
+    if model.config.shifted and min(len(p) for p in prompts) < 1:
+        raise SmdmError("a shifted block-diffusion model (adapted from an ARM) predicts token i from position i-1: "
+                        "give a prompt of at least one token")
     layout, tokens, passes = block_sample(model, prompts, length, settings, generator, eos_id, stop_at_eos, on_step)
     completions = [row[begin: begin + length]
                    for row, begin in zip(tokens.tolist(), layout.starts.tolist(), strict=True)]
@@ -480,6 +513,12 @@ def generate_blocks(model: Transformer, prompt_ids: PromptIds, length: int, step
 
 
 # --- Likelihood ----------------------------------------------------------------------------------------------------
+
+
+def _check_shifted_prefix(model: Transformer, prefix: list[int]) -> None:
+    if not prefix and model.config.shifted:
+        raise SmdmError("a shifted block-diffusion model (adapted from an ARM) predicts token i from position i-1: "
+                        "give a non-empty prefix")
 
 
 @torch.no_grad()
@@ -500,6 +539,7 @@ def block_score(model: Transformer, prefix: list[int], target: list[int], block_
     if len(prefix) + len(target) > model.config.block_size:
         raise SmdmError(f"prefix ({len(prefix)}) + target ({len(target)}) tokens exceed the context "
                         f"{model.config.block_size}")
+    _check_shifted_prefix(model, prefix)
     if block_size > 1 and (mc_samples < 2 or batch_size < 1):
         raise SmdmError("mc_samples must be at least 2 and batch_size at least 1")
     device = model.lm_head.weight.device
@@ -545,6 +585,7 @@ def block_chain_score(model: Transformer, prefix: list[int], target: list[int], 
     if len(prefix) + len(target) > model.config.block_size:
         raise SmdmError(f"prefix ({len(prefix)}) + target ({len(target)}) tokens exceed the context "
                         f"{model.config.block_size}")
+    _check_shifted_prefix(model, prefix)
     device = model.lm_head.weight.device
     full = torch.tensor(prefix + target, device=device)
     start, length = len(prefix), len(prefix) + len(target)

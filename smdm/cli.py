@@ -118,8 +118,8 @@ def _add_train_args(parser: argparse.ArgumentParser, sft: bool = False) -> None:
     parser.add_argument("--resume", action="store_true", default=unset, help="continue from OUT/checkpoint")
     parser.add_argument("--init-from", default=unset, help="start from the weights of this checkpoint")
     parser.add_argument("--adapt-shift", action=argparse.BooleanOptionalAction, default=unset,
-                        help="ARM -> MDM (--objective mdm --init-from ARM): keep the AR head's i -> i+1 alignment "
-                             "(default on, as DiffuLLaMA and Dream)")
+                        help="ARM -> MDM or BDM (--objective mdm|bdm --init-from ARM): keep the AR head's i -> i+1 "
+                             "alignment (default on, as DiffuLLaMA, Dream and Fast-dLLM v2)")
     parser.add_argument("--attention-anneal-steps", type=non_negative_int, default=unset,
                         help="ARM -> MDM: anneal attention from causal to bidirectional over the first K steps "
                              "(DiffuLLaMA; default 0: bidirectional at once, as Dream)")

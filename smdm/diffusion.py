@@ -67,15 +67,19 @@ def arm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def predicted_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
-    """Where masking may happen: everywhere (None), except position 0 of a shifted MDM (Dream), whose network has no
-    output predicting token 0 (its logit i predicts token i+1; Dream's training never masks the first token)."""
+def is_shifted(model: torch.nn.Module) -> bool:
+    """Whether the model (or the one inside a DDP / torch.compile wrapper) is `shifted`: logit i from state i-1."""
     inner = model
     while hasattr(inner, "module"):  # DDP and similar wrappers hide the model's attributes
         inner = inner.module
     inner = getattr(inner, "_orig_mod", inner)  # torch.compile
-    config = getattr(inner, "config", None)
-    if not getattr(config, "shifted", False):
+    return bool(getattr(getattr(inner, "config", None), "shifted", False))
+
+
+def predicted_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Where masking may happen: everywhere (None), except position 0 of a shifted MDM (Dream), whose network has no
+    output predicting token 0 (its logit i predicts token i+1; Dream's training never masks the first token)."""
+    if not is_shifted(model):
         return None
     return (torch.arange(tokens.size(1), device=tokens.device) >= 1)[None, :].expand_as(tokens)
 

@@ -300,7 +300,7 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
                 select: torch.Tensor | None = None, *, positions: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, window: WindowCache | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, unshift_index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids (B, T). With a KV cache, `input_pos` gives the slots of idx.
 
         `select` (bool, B x T) returns logits only at those positions, flattened to (n, vocab_size): the MDM loss
@@ -312,6 +312,8 @@ class Transformer(nn.Module):
         here (position 0 keeps its own, as Dream's sampler does: `cat([logits[:, :1], logits[:, :-1]])`), so for
         every caller (samplers, likelihood, losses) the logits at i predict token i, and position 0 has no real
         prediction (callers never ask for it: a shifted model needs a non-empty prompt and never masks position 0).
+        `unshift_index` (T,) replaces that move for inputs that are not one left-to-right stream: position i takes the
+        hidden state at unshift_index[i] (block diffusion's [noisy | clean] pass, smdm.block_diffusion).
         `attn_mask` (bool, broadcastable to B x heads x T x K, True = may attend) replaces the causal / cache /
         `key_mask` rule with an explicit one: block diffusion's structured masks (smdm.block_diffusion); a
         FlexAttention `BlockMask` instead of the tensor runs attention through `flex_attention`.
@@ -326,7 +328,7 @@ class Transformer(nn.Module):
         for index, block in enumerate(self.blocks):
             x = block(x, cos, sin, input_pos, key_mask, None if window is None else window.layers[index], attn_mask)
         if self.config.shifted:
-            x = self._unshift(x, window, recording)
+            x = self._unshift(x, window, recording) if unshift_index is None else x.index_select(1, unshift_index)
         if select is not None:
             x = x[select]
         return self.lm_head(self.norm(x))

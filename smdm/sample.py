@@ -97,8 +97,9 @@ def prompt_room(model: Transformer, length: int) -> int:
 
 def prepare_prompts(model: Transformer, prompts: Sequence[Sequence[int]], eos_id: int | None) -> list[list[int]]:
     """Prompts as a model can take them: an ARM needs a first token, so an empty prompt starts after an EOS (a fresh
-    document, as it saw in training); an MDM takes empty prompts as they are (unconditional samples)."""
-    if model.causal and eos_id is not None:
+    document, as it saw in training), and so does a shifted model (an adapted ARM, Dream), which predicts token i from
+    position i-1; an MDM takes empty prompts as they are (unconditional samples)."""
+    if (model.causal or getattr(model.config, "shifted", False)) and eos_id is not None:
         return [list(p) or [eos_id] for p in prompts]
     return [list(p) for p in prompts]
 

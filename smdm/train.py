@@ -191,9 +191,12 @@ class TrainConfig:
         if self.attention_anneal_steps < 0:
             raise SmdmError("attention_anneal_steps must be at least 0")
         if (self.adapt_shift is not None or self.attention_anneal_steps) and (
-                self.objective != "mdm" or not self.init_from):
-            raise SmdmError("--adapt-shift / --attention-anneal-steps adapt an ARM into an MDM: pass --objective mdm "
-                            "--init-from an ARM checkpoint or a Hugging Face Llama/Qwen2 directory")
+                self.objective not in ("mdm", "bdm") or not self.init_from):
+            raise SmdmError("--adapt-shift / --attention-anneal-steps adapt an ARM into an MDM or a BDM: pass "
+                            "--objective mdm|bdm --init-from an ARM checkpoint or a Hugging Face Llama/Qwen2 directory")
+        if self.attention_anneal_steps and self.objective == "bdm":
+            raise SmdmError("--attention-anneal-steps anneals an MDM's full attention; block diffusion keeps its "
+                            "block-causal mask (adapt with --adapt-shift only)")
         check_lora_options(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets, self.merge,
                            self.init_from, self.parallel, self.lora_quantize)
         objective = self.make_objective()
@@ -348,8 +351,8 @@ class RunData:
 def starting_point(config: TrainConfig, objective: Objective,
                    vocab_size: int) -> tuple[Checkpoint | None, ModelConfig, bool]:
     """The weights to start from (--init-from, unless resuming), the model config of the run, and whether the run
-    adapts an ARM: an ARM starting an mdm run is adapted (smdm.adapt): same weights, bidirectional, shifted unless
-    told otherwise.
+    adapts an ARM: an ARM starting an mdm or bdm run is adapted (smdm.adapt): same weights, bidirectional (a BDM:
+    inside each block), shifted unless told otherwise.
     """
     if (config.init_from and config.resume and config.lora_rank is None
             and _has_checkpoint(Path(config.out_dir) / "checkpoint")):
@@ -367,8 +370,8 @@ def starting_point(config: TrainConfig, objective: Objective,
     adapting = config.adapt_shift is not None or config.attention_anneal_steps > 0
     if adapting and family != "arm":
         raise SmdmError(f"{config.init_from}: an {family} checkpoint is not an ARM; --adapt-shift / "
-                        "--attention-anneal-steps adapt an ARM into an MDM")
-    if family == "arm" and objective.name == "mdm":
+                        "--attention-anneal-steps adapt an ARM into an MDM or a BDM")
+    if family == "arm" and objective.name in ("mdm", "bdm"):
         return initial, adapted_config(init_config, config.adapt_shift is not False), True
     if family != objective.name:
         raise SmdmError(f"{config.init_from}: an {family} checkpoint cannot start an {objective.name} run; "

@@ -1,4 +1,5 @@
-"""ARM -> MDM adaptation (DiffuLLaMA / Dream): shifted config, attention annealing, resume, meta, bad input."""
+"""ARM -> MDM adaptation (DiffuLLaMA / Dream) and ARM -> BDM (Fast-dLLM v2): shifted config, attention
+annealing, resume, meta, bad input."""
 
 from __future__ import annotations
 
@@ -134,9 +135,36 @@ def test_adaptation_from_an_mdm_or_to_an_arm_is_refused(toy_data, tmp_path, arm_
                        adapt_shift=True))
     with pytest.raises(SmdmError, match="adapt an ARM into an MDM"):
         train(tiny_run(toy_data, tmp_path / "z", max_steps=1, attention_anneal_steps=2))  # nothing to adapt
-    with pytest.raises(SmdmError, match="cannot start an bdm run"):
+    with pytest.raises(SmdmError, match="block-causal mask"):
         train(tiny_run(toy_data, tmp_path / "w", objective="bdm", diffusion_block_size=4,
-                       init_from=str(arm_checkpoint), max_steps=1))
+                       init_from=str(arm_checkpoint), max_steps=1, attention_anneal_steps=2))
+    assert not (tmp_path / "w").exists()
+
+
+def test_an_arm_adapts_into_a_shifted_bdm(toy_data, tmp_path, arm_checkpoint):
+    """Fast-dLLM v2's route: the ARM's weights, block diffusion, the token shift (at block size 1 such a model is the
+    ARM itself: test_block_diffusion.test_a_shifted_bdm_of_block_size_one_is_the_arm_it_came_from)."""
+    from smdm.sample import generate
+
+    train(tiny_run(toy_data, tmp_path / "bdm", objective="bdm", diffusion_block_size=4,
+                   init_from=str(arm_checkpoint), max_steps=1, lr=1e-12, warmup_steps=0))
+    adapted = load_checkpoint(tmp_path / "bdm")
+    assert adapted.config.shifted and adapted.meta["objective"] == "bdm" and not adapted.model.causal
+    assert adapted.meta["objective_options"]["diffusion_block_size"] == 4
+    assert adapted.meta["adapted_from"]["shift"] is True
+    arm = load_file(str(arm_checkpoint / "checkpoint" / "model.safetensors"))
+    bdm = load_file(str(tmp_path / "bdm" / "checkpoint" / "model.safetensors"))
+    assert arm.keys() == bdm.keys()
+    for name in arm:
+        torch.testing.assert_close(arm[name], bdm[name], atol=1e-6, rtol=0)
+    tokens = torch.randint(0, adapted.config.vocab_size, (2, 16))
+    checkpoint, _ = load_for_inference(tmp_path / "bdm", device="cpu")
+    out = generate(checkpoint.model, tokens[0, :5], 8, steps=2)  # the block sampler runs on the adapted model
+    assert len(out.completions[0]) == 8
+    no_shift = tmp_path / "noshift"
+    train(tiny_run(toy_data, no_shift, objective="bdm", diffusion_block_size=4, init_from=str(arm_checkpoint),
+                   max_steps=1, adapt_shift=False))
+    assert not load_checkpoint(no_shift).config.shifted
 
 
 def test_cli_errors_are_one_line_and_write_nothing(capsys, toy_data, tmp_path, arm_checkpoint):

@@ -4,6 +4,8 @@ and the block ELBO."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -317,3 +319,83 @@ def test_chain_rule_scoring_runs_left_to_right_inside_blocks():
         n = x.size(1)
         by_hand -= blocks(x, attn_mask=block_causal_mask(torch.arange(n), n, 3))[0, k].log_softmax(-1)[full[k]].item()
     assert score(blocks, prefix, target, method="chain", batch_size=2).nll == pytest.approx(by_hand, rel=1e-6)
+
+
+# --- A shifted BDM (an ARM adapted into block diffusion, Fast-dLLM v2's token shift) -------------------------------
+
+
+def shifted_bd_model(block_size: int, seed: int = 0) -> Transformer:
+    """bd_model with the `shifted` knob: logit i comes from the hidden state at i-1, as in the ARM it came from."""
+    torch.manual_seed(seed)
+    config = ModelConfig.from_name("tiny-test", vocab_size=VOCAB, block_size=64, shifted=True)
+    model = Transformer(config, diffusion_block_size=block_size).double().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+def test_shifted_vectorised_pass_predicts_a_block_start_from_the_clean_token_before_it():
+    """Noisy block b of the 2L pass gets the logits of one left-to-right stream [clean blocks < b, noisy block b]
+    under the model's own un-shift: a block's first token comes from the clean token before it."""
+    model = shifted_bd_model(3)
+    generator = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, VOCAB, (2, 9), generator=generator)
+    noisy, _, _ = mask_blocks(tokens, torch.full((2, 3), 0.7), 3, model.mask_id, generator)
+    logits = vectorised_logits(model, noisy, tokens, 3)
+    for block in range(3):
+        start, end = 3 * block, 3 * block + 3
+        x = torch.cat([tokens[:, :start], noisy[:, start:end]], dim=1)
+        alone = model(x, attn_mask=block_causal_mask(torch.arange(end), end, 3))[:, start:]
+        first = 1 if block == 0 else 0  # position 0 has no prediction
+        torch.testing.assert_close(logits[:, start + first:end], alone[:, first:])
+    unshifted = Transformer(replace(model.config, shifted=False), diffusion_block_size=3).double().eval()
+    unshifted.load_state_dict(model.state_dict())
+    assert not torch.allclose(vectorised_logits(unshifted, noisy, tokens, 3)[:, 3], logits[:, 3])
+
+
+def test_a_shifted_bdm_of_block_size_one_is_the_arm_it_came_from():
+    """Block size 1, every token masked: each token is predicted from the clean token before it under causal
+    attention, which is the ARM's next-token cross-entropy with the same weights (position 0 is never masked)."""
+    model = shifted_bd_model(1)
+    arm = Transformer(replace(model.config, shifted=False), causal=True).double().eval()
+    arm.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    loss = bdm_step_loss(model, tokens, 1, torch.Generator().manual_seed(0), t_min=1.0, t_max=1.0)
+    expected = F.cross_entropy(arm(tokens)[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    torch.testing.assert_close(loss * 7 / 6, expected, rtol=1e-5, atol=1e-6)
+    prefix, target = [4, 5, 6], [7, 8, 9, 10]
+    exact = -arm(torch.tensor([prefix + target]))[0, 2:-1].log_softmax(-1)[torch.arange(4), torch.tensor(target)].sum()
+    assert block_score(model, prefix, target, 1).nll == pytest.approx(exact.item(), rel=1e-6)  # fp32 CE
+    from smdm.likelihood import score
+    assert score(model, prefix, target, method="chain").nll == pytest.approx(exact.item(), rel=1e-6)
+    result = generate(model, PROMPTS, 5, steps=1)  # greedy decoding: the ARM's own argmax, token by token
+    for prompt, completion in zip(PROMPTS, result.completions, strict=True):
+        context = list(prompt)
+        for _ in range(5):
+            context.append(int(arm(torch.tensor([context]))[0, -1].argmax()))
+        assert completion == context[len(prompt):]
+
+
+@pytest.mark.parametrize("options", [{}, {"steps": 2, "temperature": 0.8, "threshold": 0.6}])
+def test_shifted_cached_sampling_equals_uncached(options):
+    model = shifted_bd_model(4)
+    results = [generate(model, PROMPTS, 10, generator=torch.Generator().manual_seed(7), cache=cache, **options)
+               for cache in ("kv", "none")]
+    assert results[0].completions == results[1].completions
+    assert results[0].forward_passes == results[1].forward_passes
+
+
+def test_a_shifted_bdm_needs_a_prompt_and_a_prefix():
+    model = shifted_bd_model(4)
+    with pytest.raises(SmdmError, match="at least one token"):
+        generate(model, [[]], 4)
+    with pytest.raises(SmdmError, match="non-empty prefix"):
+        block_score(model, [], [1, 2], 4)
+    # t = 1 masks every position but 0, which has no prediction: the loss scores positions 1..7 only.
+    tokens = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(1))
+    loss = bdm_step_loss(model, tokens, 4, torch.Generator().manual_seed(0), t_min=1.0, t_max=1.0)
+    noisy = tokens.clone()
+    noisy[:, 1:] = model.mask_id
+    logits = vectorised_logits(model, noisy, tokens, 4)[:, 1:]
+    expected = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum") / tokens.numel()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

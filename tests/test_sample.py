@@ -396,6 +396,12 @@ def test_generate_refuses_bad_prompts():
         generate(arm, [[1] * 114], 16)
     with pytest.raises(SmdmError, match="at least one token"):
         generate(arm, [[1], []], 4)
+    from dataclasses import replace
+
+    from smdm.sample import prepare_prompts
+    shifted = Transformer(replace(tiny(), shifted=True)).eval()
+    assert prepare_prompts(arm, [[], [3]], 0) == prepare_prompts(shifted, [[], [3]], 0) == [[0], [3]]
+    assert prepare_prompts(mdm, [[], [3]], 0) == [[], [3]]
     with pytest.raises(SmdmError, match="vocabulary"):
         generate(mdm, [[1, VOCAB]], 4)  # [MASK] is not a prompt token
     with pytest.raises(SmdmError, match="no prompts"):
