@@ -210,6 +210,9 @@ def infill(model: Transformer, canvases: Sequence[Sequence[int]], steps: int | S
     if model.causal:
         raise SmdmError("infilling needs an MDM (it predicts masked positions from both sides); "
                         "this checkpoint is an ARM, which only continues text left to right")
+    if getattr(model, "diffusion_block_size", None):
+        raise SmdmError("infilling needs an MDM (it predicts masked positions from both sides); this checkpoint is "
+                        "block diffusion, which generates blocks left to right")
     rows = [[int(i) for i in canvas] for canvas in canvases]
     if not rows:
         raise SmdmError("no canvases given")

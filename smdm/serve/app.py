@@ -251,6 +251,9 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     """The FastAPI app around one loaded model; the batcher thread lives as long as the app."""
     from contextlib import asynccontextmanager
 
+    if getattr(model, "diffusion_block_size", None):
+        raise SmdmError("serving a block-diffusion (bdm) checkpoint is not supported yet (the server batches the ARM "
+                        "and MDM samplers); sample it with `smdm sample` or `smdm chat`")
     config = config or ServeConfig()
     batcher = Batcher(model, tokenizer.eos_id, BatcherConfig(config.max_batch, config.window_ms / 1000,
                                                               config.max_queue))
