@@ -44,6 +44,16 @@ def bd_model(block_size: int, seed: int = 0, context: int = 64) -> Transformer:
     return model
 
 
+def shifted_bd_model(block_size: int, seed: int = 0) -> Transformer:
+    """bd_model with the `shifted` knob: logit i comes from the hidden state at i-1, as in the ARM it came from."""
+    torch.manual_seed(seed)
+    config = ModelConfig.from_name("tiny-test", vocab_size=VOCAB, block_size=64, shifted=True)
+    model = Transformer(config, diffusion_block_size=block_size).double().eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    return model
+
+
 def mdm_twin(model: Transformer) -> Transformer:
     """The same weights as a plain MDM (no block structure)."""
     twin = Transformer(model.config).to(model.lm_head.weight.dtype).eval()
@@ -108,20 +118,28 @@ def test_block_size_one_fully_masked_is_the_autoregressive_chain_rule():
     torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_vectorised_pass_equals_each_block_computed_on_its_own():
-    """The 2L-token pass gives noisy block b the logits of a pass over [clean blocks < b, noisy block b]."""
-    model = bd_model(3)
+@pytest.mark.parametrize("shifted", [False, True])
+def test_vectorised_pass_equals_each_block_computed_on_its_own(shifted):
+    """The 2L-token pass gives noisy block b the logits of one left-to-right pass over [clean blocks < b, noisy
+    block b]. For a shifted model (an adapted ARM) that pass's own un-shift predicts a block's first token from the
+    clean token before it, which is what the 2L pass must reproduce (`shifted_sources`)."""
+    model = shifted_bd_model(3) if shifted else bd_model(3)
     generator = torch.Generator().manual_seed(4)
     tokens = torch.randint(0, VOCAB, (2, 9), generator=generator)
-    noisy, masked, _ = mask_blocks(tokens, torch.full((2, 3), 0.5), 3, model.mask_id, generator)
+    noisy, masked, _ = mask_blocks(tokens, torch.full((2, 3), 0.6), 3, model.mask_id, generator)
     logits = vectorised_logits(model, noisy, tokens, 3)
     for block in range(3):
         start, end = 3 * block, 3 * block + 3
         x = torch.cat([tokens[:, :start], noisy[:, start:end]], dim=1)
         alone = model(x, attn_mask=block_causal_mask(torch.arange(end), end, 3))[:, start:]
-        torch.testing.assert_close(logits[:, start:end], alone)
+        first = 1 if shifted and block == 0 else 0  # a shifted model has no prediction at position 0
+        torch.testing.assert_close(logits[:, start + first:end], alone[:, first:])
     selected = vectorised_logits(model, noisy, tokens, 3, select=masked)
     torch.testing.assert_close(selected, logits[masked])
+    if shifted:  # the shift reached the block starts
+        unshifted = Transformer(replace(model.config, shifted=False), diffusion_block_size=3).double().eval()
+        unshifted.load_state_dict(model.state_dict())
+        assert not torch.allclose(vectorised_logits(unshifted, noisy, tokens, 3)[:, 3], logits[:, 3])
 
 
 @pytest.mark.parametrize("groups", [None, 2])
@@ -322,35 +340,6 @@ def test_chain_rule_scoring_runs_left_to_right_inside_blocks():
 
 
 # --- A shifted BDM (an ARM adapted into block diffusion, Fast-dLLM v2's token shift) -------------------------------
-
-
-def shifted_bd_model(block_size: int, seed: int = 0) -> Transformer:
-    """bd_model with the `shifted` knob: logit i comes from the hidden state at i-1, as in the ARM it came from."""
-    torch.manual_seed(seed)
-    config = ModelConfig.from_name("tiny-test", vocab_size=VOCAB, block_size=64, shifted=True)
-    model = Transformer(config, diffusion_block_size=block_size).double().eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-    return model
-
-
-def test_shifted_vectorised_pass_predicts_a_block_start_from_the_clean_token_before_it():
-    """Noisy block b of the 2L pass gets the logits of one left-to-right stream [clean blocks < b, noisy block b]
-    under the model's own un-shift: a block's first token comes from the clean token before it."""
-    model = shifted_bd_model(3)
-    generator = torch.Generator().manual_seed(4)
-    tokens = torch.randint(0, VOCAB, (2, 9), generator=generator)
-    noisy, _, _ = mask_blocks(tokens, torch.full((2, 3), 0.7), 3, model.mask_id, generator)
-    logits = vectorised_logits(model, noisy, tokens, 3)
-    for block in range(3):
-        start, end = 3 * block, 3 * block + 3
-        x = torch.cat([tokens[:, :start], noisy[:, start:end]], dim=1)
-        alone = model(x, attn_mask=block_causal_mask(torch.arange(end), end, 3))[:, start:]
-        first = 1 if block == 0 else 0  # position 0 has no prediction
-        torch.testing.assert_close(logits[:, start + first:end], alone[:, first:])
-    unshifted = Transformer(replace(model.config, shifted=False), diffusion_block_size=3).double().eval()
-    unshifted.load_state_dict(model.state_dict())
-    assert not torch.allclose(vectorised_logits(unshifted, noisy, tokens, 3)[:, 3], logits[:, 3])
 
 
 def test_a_shifted_bdm_of_block_size_one_is_the_arm_it_came_from():
