@@ -25,6 +25,9 @@ def cmd_repeat(args: argparse.Namespace) -> None:
         return
     spec, runs = repeat.read_repeat_manifest(args.manifest)
     runs = sweep.select_runs(runs, getattr(args, "only", None), args.manifest)
+    for other in getattr(args, "also", None) or []:  # fit: further studies' runs join (another U, another size)
+        known = {r.name for r in runs}
+        runs += [r for r in repeat.read_repeat_manifest(other)[1] if r.name not in known]
     if args.repeat_command == "run":
         report = sweep.run_sweep(runs, args.data or spec.data_dir, jobs=args.jobs, threads=args.threads,
                                  stop_after_steps=args.stop_after_steps, progress=not args.no_progress)
@@ -48,7 +51,9 @@ def add_repeat_parser(scale: argparse._SubParsersAction) -> None:
     """`smdm scale repeat ...`, under the `smdm scale` subcommands."""
     p = scale.add_parser("repeat", help="data-constrained study: U unique tokens x epochs x sizes x families")
     sub = p.add_subparsers(dest="repeat_command", required=True)
-    add_study_parsers(sub, "repeat", "configs/repeat-cpu.json",
-                      "frontiers, crossovers vs the closed form, data-reuse half-lives, plots",
-                      "repeat.json, loss_vs_compute.png, reuse.png")
+    fit = add_study_parsers(sub, "repeat", "configs/repeat-cpu.json",
+                            "frontiers, crossovers vs the closed form, data-reuse half-lives, plots",
+                            "repeat.json, loss_vs_compute.png, reuse.png")
+    fit.add_argument("--also", nargs="+", metavar="MANIFEST",
+                     help="further repeat manifests whose runs join the fit (a run named twice counts once)")
     p.set_defaults(func=cmd_repeat)

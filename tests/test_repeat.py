@@ -123,6 +123,16 @@ def test_tiny_study_end_to_end(toy_data, tmp_path, capsys):
     # a rerun skips the finished runs
     code, out, err = run_cli(capsys, "scale", "repeat", "run", str(manifest), "--no-progress")
     assert code == 0 and "0 trained, 4 already finished" in out, out
+    # another study (a second U) joins the fit with --also
+    other_spec, other = tmp_path / "other.json", tmp_path / "other-manifest.json"
+    other_spec.write_text(json.dumps(vars(_spec(tmp_path, toy_data, unique_tokens=[200], epochs=[1]))))
+    assert run_cli(capsys, "scale", "repeat", "plan", str(other_spec), "--out", str(other))[0] == 0
+    assert run_cli(capsys, "scale", "repeat", "run", str(other), "--threads", "1", "--no-progress")[0] == 0
+    code, out, err = run_cli(capsys, "scale", "repeat", "fit", str(manifest), "--also", str(other), str(manifest),
+                             "--out", str(tmp_path / "fit2"))
+    assert code == 0, err
+    report = json.loads((tmp_path / "fit2" / "repeat.json").read_text())
+    assert len(report["points"]) == 6 and [u["unique_tokens"] for u in report["per_unique"]] == [200, 330]
 
 
 def test_spec_errors_are_one_line(tmp_path, capsys):
