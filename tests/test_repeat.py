@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,13 @@ def test_isoflop_sweep_takes_a_recipe_per_family(tmp_path):
     # ARM rows are 129 tokens: 31 rows, 64 epochs of batches of 4 = 496 steps; MDM: 32 rows, 512 steps.
     assert (by_family["arm"].steps, by_family["arm"].warmup_steps, by_family["arm"].train["lr"]) == (496, 49, 1e-2)
     assert (by_family["mdm"].steps, by_family["mdm"].warmup_steps) == (512, 5) and "warmup_fraction" not in by_family["arm"].train
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.json")))
+def test_every_committed_study_spec_plans(name):
+    """The specs the docs' commands run: each parses and plans (unknown keys, bad epochs or sizes fail here)."""
+    from smdm.scaling import SweepSpec, plan_sweep
+
+    path = Path(__file__).parents[1] / "configs" / name
+    runs = plan_repeat(RepeatSpec.from_file(path)) if name.startswith("repeat") else plan_sweep(SweepSpec.from_file(path))
+    assert runs and len({r.name for r in runs}) == len(runs)
