@@ -270,7 +270,7 @@ class ReuseFit:
 
 def fit_reuse_half_life(unique: list[float], epochs: list[float], losses: list[float],
                         half_lives: np.ndarray | None = None, betas: np.ndarray | None = None) -> ReuseFit:
-    """Least squares over a grid of (R_D*, beta), with E and B solved exactly for each; B >= 0.
+    """Least squares over a grid of (R_D*, beta), with E and B solved exactly for each; E, B >= 0.
 
     Prabhudesai et al. fit R_D* (with the rest of Muennighoff's law) to the runs' validation losses; with the few
     runs a CPU affords, one model size is fitted at a time, jointly over its U values.
@@ -291,6 +291,9 @@ def fit_reuse_half_life(unique: list[float], epochs: list[float], losses: list[f
         slope = np.where(var > 0, (dx * (y - y.mean())).sum(1) / np.where(var > 0, var, 1), 0.0)
         slope = np.maximum(slope, 0.0)
         intercept = y.mean() - slope * x_mean[:, 0]
+        below = intercept < 0  # E >= 0: the best fit with E = 0 is B = x.y / x.x (>= 0, as losses are)
+        slope = np.where(below, (x * y).sum(1) / (x ** 2).sum(1), slope)
+        intercept = np.where(below, 0.0, intercept)
         sse = ((intercept[:, None] + slope[:, None] * x - y) ** 2).sum(1)
         k = int(np.argmin(sse))
         if best is None or sse[k] < best[0] - 1e-15:

@@ -48,6 +48,15 @@ def test_reuse_fit_reports_a_bound_when_repetition_never_decays():
         fit_reuse_half_life([1e5] * 3, [1, 2, 4], [3.0, 2.9, 2.8])
 
 
+def test_reuse_fit_keeps_the_irreducible_loss_non_negative():
+    """An ARM that saturates within the epochs run (tiny-1m, U = 25k of the crossover study): unconstrained, the
+    least-squares E went to -40 with beta on the grid's floor."""
+    fit = fit_reuse_half_life([25_000] * 5, [2, 4, 8, 16, 32], [4.902, 4.554, 4.057, 3.894, 3.904])
+    assert fit.irreducible >= 0 and fit.scale >= 0
+    predicted = fit.predict(np.full(5, 25_000.0), np.array([2, 4, 8, 16, 32.0]))
+    assert np.all(np.isfinite(predicted)) and abs(predicted[-1] - 3.9) < 0.2
+
+
 def test_best_so_far_and_crossover():
     arm = [(1, 4.0), (2, 3.0), (4, 3.5), (8, 5.0)]  # overfits after its best: the frontier keeps 3.0
     mdm = [(1, 5.0), (2, 4.0), (4, 3.2), (8, 2.9)]
