@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -266,20 +267,38 @@ def evaluate(model: Transformer, blocks: torch.Tensor, objective: Objective | st
 
     With `prompt_lengths` (SFT rows) the loss covers response tokens only, as in training.
     """
+    return evaluate_with_error(model, blocks, objective, mc_samples, batch_size, device, dtype, seed,
+                               prompt_lengths)[0]
+
+
+def evaluate_with_error(model: Transformer, blocks: torch.Tensor, objective: Objective | str, mc_samples: int = 4,
+                        batch_size: int = 16, device: torch.device | str = "cpu", dtype: str = "auto",
+                        seed: int = 1234, prompt_lengths: torch.Tensor | None = None) -> tuple[float, float]:
+    """`evaluate`'s loss and the standard error of its Monte-Carlo part: the spread of the noise draws within each
+    batch (the blocks are fixed), 0 for an exact loss (the ARM's) or a single draw.
+
+    Why: a diffusion model's ELBO is an estimate; with the studies' 4 draws over 128 blocks one estimate moves by
+    about 0.05 nats/token with the draws (measured in docs/data-constrained.md), as much as the gaps it is read for.
+    """
     objective = make_objective(objective) if isinstance(objective, str) else objective
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, rows, variance = 0.0, 0, 0, 0.0
     with autocast_context(device, dtype):
         for start in range(0, blocks.size(0), batch_size):
             batch = blocks[start:start + batch_size].to(device)
             lengths = None if prompt_lengths is None else prompt_lengths[start:start + batch_size]
+            draws = []
             for loss in objective.validation_draws(model, batch, lengths, mc_samples, seed + start):
-                total += loss.item() * batch.size(0)
+                draws.append(loss.item())
+                total += draws[-1] * batch.size(0)
                 count += batch.size(0)
+            rows += batch.size(0)
+            if len(draws) > 1:  # Var(mean of this batch's draws) = s^2 / draws, weighted by its rows
+                variance += batch.size(0) ** 2 * statistics.variance(draws) / len(draws)
     model.train(was_training)
-    return total / count
+    return total / count, math.sqrt(variance) / rows
 
 
 class MetricsLog:
@@ -458,12 +477,12 @@ class Run:
         """Budget FLOPs per token under the run's count (smdm.flops)."""
         return budget_flops_per_token(self.objective, self.model_config, self.data.seq_len, self.config.flops_count)
 
-    def evaluate(self) -> float:
-        """Validation loss of the current weights."""
+    def evaluate(self) -> tuple[float, float]:
+        """Validation loss of the current weights and the standard error of its Monte-Carlo part."""
         config = self.config
-        return evaluate(self.model, self.data.val_blocks, self.objective, config.eval_mc_samples,
-                        config.eval_batch_size, self.info.device, config.dtype,
-                        prompt_lengths=self.data.val_prompt_lengths)
+        return evaluate_with_error(self.model, self.data.val_blocks, self.objective, config.eval_mc_samples,
+                                   config.eval_batch_size, self.info.device, config.dtype,
+                                   prompt_lengths=self.data.val_prompt_lengths)
 
     def save(self, step: int) -> None:
         """Checkpoint weights, optimizer, data position and RNG. Gathering is collective; only rank 0 writes.
@@ -676,17 +695,20 @@ def _train(config: TrainConfig, info: DistInfo) -> dict[str, Any]:
                 bar.set_postfix(postfix, refresh=False)
                 window_start, window_inputs = time.perf_counter(), 0
             if done % config.eval_every == 0 or done == run.total_steps:
-                val_loss = run.evaluate()
+                val_loss, val_se = run.evaluate()
                 if log is not None:
-                    log.write({"step": done, "tokens": run.tokens_seen, "val_loss": val_loss})
-                    bar.write(f"step {done}: val loss {val_loss:.4f} nats/token", file=sys.stderr)
+                    row = {"step": done, "tokens": run.tokens_seen, "val_loss": val_loss}
+                    row.update({"val_loss_se": val_se} if val_se > 0 else {})  # an estimate (MDM, BDM): its error
+                    log.write(row)
+                    error = f" ± {val_se:.4f}" if val_se > 0 else ""
+                    bar.write(f"step {done}: val loss {val_loss:.4f}{error} nats/token", file=sys.stderr)
             if done % config.save_every == 0 or done in (run.total_steps, end_step):
                 run.save(done)
     finally:
         if log is not None:
             log.close()
     if run.start_step >= run.total_steps and val_loss is None:
-        val_loss = run.evaluate()
+        val_loss = run.evaluate()[0]
     if run.lora_record is not None and config.merge and end_step == run.total_steps and info.is_main:
         base_state = None
         if config.lora_quantize is not None:  # merge into the full-precision base, not its quantized copy

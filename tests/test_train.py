@@ -187,3 +187,32 @@ def test_init_from_starts_with_the_given_weights(toy_data, tmp_path):
     b = load_file(str(tmp_path / "tuned" / "checkpoint" / "model.safetensors"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_validation_reports_the_standard_error_of_the_mdm_estimate(toy_data, tmp_path):
+    """The error logged beside an MDM's validation ELBO is what independent re-estimates (other mask draws) spread
+    by; an ARM's loss is exact and logs none. The loss itself is what `evaluate` always returned."""
+    import statistics
+
+    from smdm.checkpoint import load_checkpoint
+    from smdm.data.packed import PackedDataset
+    from smdm.train import evaluate, evaluate_with_error
+
+    train(tiny_run(toy_data, tmp_path / "mdm", max_steps=20, eval_every=10))
+    rows = [json.loads(line) for line in (tmp_path / "mdm" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "val_loss" in r]
+    assert len(logged) == 2 and all(r["val_loss_se"] > 0 for r in logged)
+    model = load_checkpoint(tmp_path / "mdm").model
+    blocks = PackedDataset(str(toy_data), "train", seq_len=32, shuffle=False).blocks(96)  # more than val holds
+    assert evaluate_with_error(model, blocks, "mdm", 4)[0] == evaluate(model, blocks, "mdm", 4)
+    # One error from 4 draws is itself rough (the 1/t weights make the draws heavy-tailed), so compare its typical
+    # size over 24 independent estimates with how much those estimates actually spread.
+    results = [evaluate_with_error(model, blocks, "mdm", 4, seed=1000 * k) for k in range(24)]
+    spread = statistics.stdev(loss for loss, _ in results)
+    typical = math.sqrt(statistics.mean(error ** 2 for _, error in results))
+    assert 0.6 * spread < typical < 1.6 * spread, (typical, spread)
+    train(tiny_run(toy_data, tmp_path / "arm", objective="arm", max_steps=10, eval_every=10))
+    arm_rows = [json.loads(line) for line in (tmp_path / "arm" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in arm_rows if "val_loss" in r] and not any("val_loss_se" in r for r in arm_rows)
+    assert evaluate_with_error(load_checkpoint(tmp_path / "arm").model,
+                               PackedDataset(str(toy_data), "val", seq_len=33, shuffle=False).blocks(8), "arm")[1] == 0
