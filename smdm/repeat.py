@@ -178,6 +178,7 @@ class RepeatPoint:
     flops: float
     best_loss: float  # the lowest validation loss the run logged (early stopping)
     final_loss: float
+    best_loss_se: float | None = None  # the Monte-Carlo error logged with it (an MDM's ELBO); None: exact or unlogged
 
 
 def collect_points(runs: list[PlannedRun]) -> tuple[list[RepeatPoint], dict[str, str]]:
@@ -187,19 +188,20 @@ def collect_points(runs: list[PlannedRun]) -> tuple[list[RepeatPoint], dict[str,
     done, missing = finished_runs(runs)
     points = []
     for run, final_loss in done:
-        losses = []
+        evaluations = []  # (loss, its standard error or None)
         for line in (Path(run.out_dir) / "metrics.jsonl").read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
             if isinstance(row.get("val_loss"), (int, float)) and math.isfinite(row["val_loss"]):
-                losses.append(float(row["val_loss"]))
+                evaluations.append((float(row["val_loss"]), row.get("val_loss_se")))
+        best, best_se = min(evaluations, key=lambda e: e[0])
         unique = int(run.train["max_unique_tokens"])
         rows = unique // make_objective(run.objective).block_length(run.seq_len)
         points.append(RepeatPoint(run.name, run.objective, run.model, run.non_embedding_params, unique,
                                   epochs=run.steps * run.batch_size / rows, flops=run.flops,
-                                  best_loss=min(losses), final_loss=final_loss))
+                                  best_loss=best, final_loss=final_loss, best_loss_se=best_se))
     return points, missing
 
 
@@ -303,6 +305,17 @@ def fit_reuse_half_life(unique: list[float], epochs: list[float], losses: list[f
     return ReuseFit(intercept, slope, beta, half_life, math.sqrt(sse / len(y)), edge, unit)
 
 
+def best_gap(points: list[RepeatPoint]) -> dict[str, float | bool | None]:
+    """The best ARM's loss minus the best MDM's (> 0: the MDM is ahead), the MDM estimate's standard error (the ARM's
+    loss is exact) and whether the gap exceeds twice that error; None where a family or the error is missing."""
+    best = {f: min((p for p in points if p.objective == f), key=lambda p: p.best_loss, default=None)
+            for f in ("mdm", "arm")}
+    if best["mdm"] is None or best["arm"] is None:
+        return {"gap": None, "gap_se": None, "beyond_2se": None}
+    gap, se = best["arm"].best_loss - best["mdm"].best_loss, best["mdm"].best_loss_se
+    return {"gap": gap, "gap_se": se, "beyond_2se": None if se is None else abs(gap) > 2 * se}
+
+
 def fit_repeat(points: list[RepeatPoint]) -> dict[str, Any]:
     """Frontiers, crossovers (per U; per U and model size) against the closed form, and reuse half-lives."""
     report: dict[str, Any] = {"per_unique": [], "per_model": [], "half_lives": []}
@@ -314,7 +327,7 @@ def fit_repeat(points: list[RepeatPoint]) -> dict[str, Any]:
         report["per_unique"].append({
             "unique_tokens": unique, "crossover_flops": crossing, "paper_critical_flops": paper_critical_compute(unique),
             "best": {f: (frontier[f][-1][1] if frontier[f] else None) for f in frontier},
-            "frontier": {f: [list(x) for x in frontier[f]] for f in frontier},
+            "frontier": {f: [list(x) for x in frontier[f]] for f in frontier}, **best_gap(group),
         })
         for model in sorted({p.model for p in group}, key=lambda m: min(p.n_params for p in group if p.model == m)):
             pairs = [[(p.flops, p.best_loss) for p in group if p.model == model and p.objective == f]
@@ -326,7 +339,8 @@ def fit_repeat(points: list[RepeatPoint]) -> dict[str, Any]:
                                       if p.model == model and p.objective == "mdm" and p.flops >= crossing)
             report["per_model"].append({"unique_tokens": unique, "model": model,
                                         "n_params": next(p.n_params for p in group if p.model == model),
-                                        "crossover_flops": crossing, "crossover_mdm_epochs": crossing_epochs})
+                                        "crossover_flops": crossing, "crossover_mdm_epochs": crossing_epochs,
+                                        **best_gap([p for p in group if p.model == model])})
     for family in ("mdm", "arm"):
         for model in sorted({p.model for p in points if p.objective == family}):
             group = [p for p in points if p.objective == family and p.model == model]
@@ -407,6 +421,15 @@ def plot_repeat(points: list[RepeatPoint], report: dict[str, Any], out_dir: str 
     return written
 
 
+def _describe_gap(entry: dict[str, Any]) -> str:
+    if entry.get("gap") is None:
+        return "-"
+    if entry["gap_se"] is None:
+        return f"{entry['gap']:+.3f} (no error logged)"
+    verdict = "beyond 2 SE" if entry["beyond_2se"] else "within 2 SE: not resolved"
+    return f"{entry['gap']:+.3f} ± {entry['gap_se']:.3f} ({verdict})"
+
+
 def describe_repeat(report: dict[str, Any]) -> list[str]:
     """The report as text lines for the terminal and the docs."""
     lines = ["U (tokens) | best MDM | best ARM | measured crossover FLOPs | closed-form C_crit FLOPs"]
@@ -415,10 +438,11 @@ def describe_repeat(report: dict[str, Any]) -> list[str]:
         crossing = "none" if e["crossover_flops"] is None else f"{e['crossover_flops']:.2e}"
         lines.append(f"{e['unique_tokens']:,} | {best['mdm']} | {best['arm']} | {crossing} | "
                      f"{e['paper_critical_flops']:.2e}")
-    lines.append("per model size: U, model, crossover FLOPs, MDM epochs at the crossover")
+    lines.append("per model size: U, model, crossover FLOPs, MDM epochs at the crossover; best ARM - best MDM")
     for e in report["per_model"]:
         crossing = "none" if e["crossover_flops"] is None else f"{e['crossover_flops']:.2e}"
-        lines.append(f"  {e['unique_tokens']:,} {e['model']}: {crossing}, {e['crossover_mdm_epochs']}")
+        lines.append(f"  {e['unique_tokens']:,} {e['model']}: {crossing}, {e['crossover_mdm_epochs']}; "
+                     f"{_describe_gap(e)}")
     lines.append("data-reuse half-life R_D* (epochs; the paper: MDM ~500, ARM ~15)")
     for h in report["half_lives"]:
         if "half_life" in h:

@@ -114,7 +114,7 @@ def test_each_family_can_have_its_own_epochs(tmp_path):
 
 def test_tiny_study_end_to_end(toy_data, tmp_path, capsys):
     spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(vars(_spec(tmp_path, toy_data))))
+    spec_file.write_text(json.dumps(vars(_spec(tmp_path, toy_data, eval_mc_samples=2))))
     manifest = tmp_path / "manifest.json"
     code, out, err = run_cli(capsys, "scale", "repeat", "plan", str(spec_file), "--out", str(manifest))
     assert code == 0, err
@@ -128,6 +128,14 @@ def test_tiny_study_end_to_end(toy_data, tmp_path, capsys):
     report = json.loads((tmp_path / "fit" / "repeat.json").read_text())
     assert len(report["points"]) == 4 and report["per_unique"][0]["unique_tokens"] == 330
     assert all(p["best_loss"] <= p["final_loss"] for p in report["points"])
+    # the MDM's ELBO comes with its Monte-Carlo error, the ARM's exact loss without; the gap is read against it
+    assert all((p["best_loss_se"] > 0) == (p["objective"] == "mdm") for p in report["points"]
+               if p["best_loss_se"] is not None) and any(p["best_loss_se"] for p in report["points"])
+    gap = report["per_model"][0]
+    mdm_best = min(p["best_loss"] for p in report["points"] if p["objective"] == "mdm")
+    arm_best = min(p["best_loss"] for p in report["points"] if p["objective"] == "arm")
+    assert gap["gap"] == pytest.approx(arm_best - mdm_best) and gap["gap_se"] > 0
+    assert gap["beyond_2se"] == (abs(gap["gap"]) > 2 * gap["gap_se"]) and "2 SE" in out
     assert (tmp_path / "fit" / "loss_vs_compute.png").is_file() and (tmp_path / "fit" / "reuse.png").is_file()
     assert "closed-form C_crit" in out
     # a rerun skips the finished runs
