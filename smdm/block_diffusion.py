@@ -299,18 +299,24 @@ class BlockLayout:
     start: int  # first column of the first generated block
     block_size: int
 
+    @staticmethod
+    def columns(prompt_lengths: list[int], length: int, block_size: int) -> tuple[list[int], int, int]:
+        """(pad columns of each row, total columns, positions the longest row needs) of a batch's layout."""
+        full = [n // block_size for n in prompt_lengths]
+        first = max(full)
+        num_blocks = -(-(max(n % block_size for n in prompt_lengths) + length) // block_size)
+        total = (first + num_blocks) * block_size
+        pad = [(first - n) * block_size for n in full]
+        return pad, total, total - min(pad)
+
     @classmethod
     def build(cls, prompts: list[list[int]], length: int, block_size: int, pad_id: int, mask_id: int,
               context: int, device: torch.device) -> BlockLayout:
-        full = [len(p) // block_size for p in prompts]
-        first = max(full)
-        tails = [len(p) % block_size for p in prompts]
-        num_blocks = -(-(max(tails) + length) // block_size)
-        total = (first + num_blocks) * block_size
-        pad = [(first - n) * block_size for n in full]
-        if total - min(pad) > context:
+        pad, total, needed = cls.columns([len(p) for p in prompts], length, block_size)
+        first = max(len(p) // block_size for p in prompts)
+        if needed > context:
             raise SmdmError(f"prompt + {length} generated tokens, in whole blocks of {block_size}, need "
-                            f"{total - min(pad)} positions, more than the context {context}")
+                            f"{needed} positions, more than the context {context}")
         tokens = torch.full((len(prompts), total), mask_id, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             tokens[row, : pad[row]] = pad_id

@@ -23,13 +23,13 @@ def need_serve_extra() -> None:
         pytest.importorskip(module, reason=f"{module} not installed: pip install -e \".[serve,test]\"")
 
 
-def train_tiny(toy_data: Path, out_dir: Path, objective: str, steps: int = 60) -> Path:
+def train_tiny(toy_data: Path, out_dir: Path, objective: str, steps: int = 60, **options) -> Path:
     """A 2-layer, 64-dim model trained briefly on the toy corpus: it writes corpus-like words, fast."""
     from smdm.train import TrainConfig, train
 
     train(TrainConfig(data_dir=str(toy_data), out_dir=str(out_dir), model="tiny-test", objective=objective,
                       seq_len=32, batch_size=8, lr=3e-3, max_steps=steps, eval_every=1000, save_every=1000,
-                      log_every=1000, eval_blocks=2, progress=False, threads=1))
+                      log_every=1000, eval_blocks=2, progress=False, threads=1, **options))
     return out_dir
 
 

@@ -157,3 +157,22 @@ def test_text_streams_hear_only_of_steps_that_extend_the_revealed_prefix():
 
     expected = [v.step for prev, v in zip([None, *everything], everything) if front(v) > (front(prev) if prev else 0)]
     assert [v.step for v in heard] == expected and len(everything) == 8
+
+
+def test_block_diffusion_jobs_share_a_call_and_get_what_they_get_alone():
+    """A BDM batch goes through `generate`'s block sampler: rows of different prompt lengths and max_tokens get what
+    they get alone; a different number of steps per block runs apart (the sampler takes one per call)."""
+    from test_block_diffusion import bd_model
+
+    net = bd_model(4).float()
+    rows = [Row([3, 4, 5], 6, steps=2), Row([6, 7, 8, 9, 1, 2], 8, steps=2), Row([5], 5, steps=2)]
+    jobs = [job([r]) for r in rows]
+    batcher = Batcher(net, EOS, BatcherConfig(max_batch=16, window_s=0))
+    run(batcher, jobs)
+    assert batcher.batches_run == 1 and batcher.rows_run == 3
+    for row, j in zip(rows, jobs):
+        alone = generate(net, [row.prompt], row.max_tokens, steps=row.steps, eos_id=EOS, stop_at_eos=True)
+        assert j.emit.result()[0].ids == alone.completions[0]
+    apart = Batcher(net, EOS, BatcherConfig(max_batch=16, window_s=0))
+    run(apart, [job([Row([3, 4], 4, steps=2)]), job([Row([3, 4], 4, steps=4)])])
+    assert apart.batches_run == 2

@@ -185,6 +185,29 @@ def test_suffix_fills_the_span_on_an_mdm_and_is_refused_by_an_arm(mdm_server, ar
     assert "needs an MDM" in error.value.body["message"]
 
 
+def test_a_block_diffusion_model_is_served_block_by_block(toy_data, tmp_path):
+    """A BDM checkpoint goes through generate's block sampler: answers equal the in-process sampler, streams reveal
+    the same text, infilling and prompts past the context (in whole blocks) are refused with OpenAI errors."""
+    checkpoint = train_tiny(toy_data, tmp_path / "bdm", "bdm", diffusion_block_size=4)
+    with running_server(checkpoint) as base:
+        c = client(base)
+        assert get_json(base + "/v1/models")[1]["data"][0]["family"] == "bdm"
+        for prompt, extra in (("the cat sat", {}), ("a bird", {"steps": 2})):
+            answer = c.completions.create(model="toy", prompt=prompt, max_tokens=10, temperature=0, extra_body=extra)
+            assert answer.choices[0].text == reference(checkpoint, prompt, 10, **extra)
+            chunks = list(c.completions.create(model="toy", prompt=prompt, max_tokens=10, temperature=0, stream=True,
+                                               extra_body=extra))
+            assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == answer.choices[0].text
+        with pytest.raises(openai.BadRequestError) as error:
+            c.completions.create(model="toy", prompt="the cat", suffix="mat", max_tokens=4)
+        assert "block diffusion" in error.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as error:
+            c.completions.create(model="toy", prompt="the cat sat on the mat", max_tokens=125)
+        assert error.value.body["code"] == "context_length_exceeded"
+        assert c.completions.create(model="toy", prompt="the", max_tokens=3, temperature=0).choices[0].text \
+            == reference(checkpoint, "the", 3)  # the server went on
+
+
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(mdm_server, arm_server):
     auth = {"Authorization": f"Bearer {KEY}"}
     status, body = post_json(mdm_server + "/v1/completions", b"{not json", auth)

@@ -27,15 +27,12 @@ def test_bad_serve_options(capsys, checkpoints, args, fragment):
     assert_one_line_error(code, err, fragment)
 
 
-def test_a_block_diffusion_checkpoint_is_refused_in_one_line(capsys, toy_data, tmp_path):
-    """The server batches the ARM and MDM samplers; a BDM would otherwise be run through the MDM's infilling sampler."""
-    pytest.importorskip("uvicorn")
+def test_infilling_refuses_a_block_diffusion_checkpoint_in_one_line(capsys, toy_data, tmp_path):
+    """A BDM generates blocks left to right; it would otherwise be run through the MDM's infilling sampler."""
     from test_train import tiny_run
 
     from smdm.train import train
     train(tiny_run(toy_data, tmp_path / "bdm", objective="bdm", diffusion_block_size=4, max_steps=1))
     capsys.readouterr()  # the training log
-    code, _, err = run_cli(capsys, "serve", "--checkpoint", str(tmp_path / "bdm"))
-    assert_one_line_error(code, err, "block-diffusion")
     code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tmp_path / "bdm"), "--infill", "a <|mask:4|> b")
     assert_one_line_error(code, err, "block diffusion, which generates blocks left to right")

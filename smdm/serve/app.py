@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from smdm.block_diffusion import BlockLayout
 from smdm.chat import prompt_from_messages
 from smdm.errors import SmdmError
 from smdm.sample import check_prompts, make_plan, prepare_prompts
@@ -121,6 +122,13 @@ def _stop(body: dict, limit: int) -> list[str]:
     return stops
 
 
+def model_family(model) -> str:
+    """"arm", "mdm" or "bdm" (block diffusion), as /health and /v1/models report it."""
+    if model.causal:
+        return "arm"
+    return "bdm" if getattr(model, "diffusion_block_size", None) else "mdm"
+
+
 def parse_request(body: Any, model, tokenizer, config: ServeConfig, chat: bool) -> Parsed:
     """Validate everything up front (the batcher's sampler call must not fail on one request's input)."""
     if not isinstance(body, dict):
@@ -169,14 +177,22 @@ def parse_request(body: Any, model, tokenizer, config: ServeConfig, chat: bool) 
         if value is not None and not isinstance(value, str):
             raise ApiError(400, f"{field_name} must be a string", "invalid_type", field_name)
     suffix_ids = tokenizer.encode(suffix) if suffix else None
-    if model.causal and suffix_ids:
+    family = model_family(model)
+    if family != "mdm" and suffix_ids:
+        kind = "an ARM" if family == "arm" else "block diffusion, which generates blocks left to right"
         raise ApiError(400, "suffix (infilling) needs an MDM, which predicts masked positions from both sides; "
-                       "this model is an ARM", "unsupported_parameter", "suffix")
+                       f"this model is {kind}", "unsupported_parameter", "suffix")
     prompts = prepare_prompts(model, prompts, tokenizer.eos_id)  # an ARM starts a fresh document after an EOS
     try:
         make_plan(model, max_tokens, steps, temperature, remasking=remasking, block_length=block_length,
                   cfg_scale=cfg_scale, threshold=threshold, cache=cache, top_p=top_p, eos_id=tokenizer.eos_id)
         for ids in prompts:
+            if family == "bdm":  # whole blocks after the prompt's full blocks
+                needed = BlockLayout.columns([len(ids)], max_tokens, model.diffusion_block_size)[2]
+                if needed > context:
+                    raise SmdmError(f"prompt ({len(ids)}) + generation ({max_tokens}) tokens in whole blocks of "
+                                    f"{model.diffusion_block_size} need {needed} positions; they exceed the block "
+                                    f"size {context}")
             check_prompts(model, [ids + (suffix_ids or [])], max_tokens)
     except SmdmError as error:
         message = str(error)
@@ -251,14 +267,11 @@ def create_app(model, tokenizer, config: ServeConfig | None = None) -> FastAPI:
     """The FastAPI app around one loaded model; the batcher thread lives as long as the app."""
     from contextlib import asynccontextmanager
 
-    if getattr(model, "diffusion_block_size", None):
-        raise SmdmError("serving a block-diffusion (bdm) checkpoint is not supported yet (the server batches the ARM "
-                        "and MDM samplers); sample it with `smdm sample` or `smdm chat`")
     config = config or ServeConfig()
     batcher = Batcher(model, tokenizer.eos_id, BatcherConfig(config.max_batch, config.window_ms / 1000,
                                                               config.max_queue))
     mask_id = None if model.causal else model.mask_id
-    family = "arm" if model.causal else "mdm"
+    family = model_family(model)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

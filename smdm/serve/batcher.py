@@ -4,7 +4,8 @@ Why a thread and not the event loop: a sampler call blocks for its whole duratio
 accepting, streaming and refusing requests meanwhile. The worker takes the oldest waiting job, waits a short
 window for more, and adds every waiting job with the same sampler settings (vLLM's continuous batching does the
 same per step; smdm's samplers take a whole batch per call). Rows of one batch may have different prompt lengths,
-suffixes, max_tokens, steps and block lengths: `smdm.sample.infill` and `generate` take them as they are. Settings
+suffixes, max_tokens, steps and block lengths: `smdm.sample.infill` and `generate` take them as they are (a
+block-diffusion batch shares one number of steps per block). Settings
 that change every row's computation (temperature, top_p, remasking, CFG, threshold, cache) split batches, and so does
 a seed with sampling, since a seeded draw must not depend on which other requests happened to arrive with it.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from smdm.block_diffusion import BlockLayout
 from smdm.infill import infill
 from smdm.sample import generate
 
@@ -107,6 +109,7 @@ class Batcher:
 
     def __init__(self, model, eos_id: int, config: BatcherConfig | None = None) -> None:
         self.model, self.eos_id = model, eos_id
+        self.block_size = getattr(model, "diffusion_block_size", None)  # block diffusion: generate's block sampler
         self.config = config or BatcherConfig()
         self._queue: list[Job] = []
         self._cond = threading.Condition()
@@ -175,10 +178,16 @@ class Batcher:
             return batch
 
     def _fits(self, jobs: list[Job]) -> bool:
-        """An ARM batch generates max(max_tokens) after the longest prompt: both must fit the context together."""
+        """An ARM batch generates max(max_tokens) after the longest prompt: both must fit the context together. A
+        block-diffusion batch lays whole blocks after each row's full prompt blocks (BlockLayout), and takes one
+        number of steps per block."""
+        rows = [row for job in jobs for row in job.rows]
+        if self.block_size:
+            _, _, needed = BlockLayout.columns([len(r.prompt) for r in rows], max(r.max_tokens for r in rows),
+                                               self.block_size)
+            return needed <= self.model.config.block_size and len({r.steps for r in rows}) == 1
         if not self.model.causal:
             return True
-        rows = [row for job in jobs for row in job.rows]
         longest = max(len(r.prompt) for r in rows)
         return longest + max(r.max_tokens for r in rows) - 1 <= self.model.config.block_size
 
@@ -214,9 +223,16 @@ class Batcher:
         latest: dict[str, torch.Tensor | int] = {"grid": None, "passes": 0}
         owners = [(job, index) for job in batch for index in range(len(job.rows))]
 
+        if self.block_size:  # each row's completion starts right after its prompt in the block layout
+            lengths = [len(r.prompt) for r in rows]
+            pads = BlockLayout.columns(lengths, max(r.max_tokens for r in rows), self.block_size)[0]
+            starts = [pad + n for pad, n in zip(pads, lengths, strict=True)]
+
         def completion_ids(grid: torch.Tensor, row: int, width: int) -> list[int]:
             if model.causal:
                 return grid[row, width:].tolist()
+            if self.block_size:
+                return grid[row, starts[row]:starts[row] + rows[row].max_tokens].tolist()
             canvas = rows[row]
             start = width - self._canvas_length(canvas) + len(canvas.prompt)
             return grid[row, start:start + canvas.max_tokens].tolist()
@@ -256,6 +272,12 @@ class Batcher:
             if model.causal:
                 result = generate(model, [r.prompt for r in rows], max(r.max_tokens for r in rows),
                                   cache=settings.cache, eos_id=eos, stop_at_eos=True, **common)
+                grid, passes, width = result.tokens, result.forward_passes, result.width
+            elif self.block_size:
+                result = generate(model, [r.prompt for r in rows], max(r.max_tokens for r in rows),
+                                  steps=rows[0].steps, remasking=settings.remasking, cfg_scale=settings.cfg_scale,
+                                  threshold=settings.threshold, cache=settings.cache, eos_id=eos, stop_at_eos=True,
+                                  **common)
                 grid, passes, width = result.tokens, result.forward_passes, result.width
             else:
                 canvases = [r.prompt + [mask_id] * r.max_tokens + (r.suffix or []) for r in rows]

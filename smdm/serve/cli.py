@@ -37,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from smdm.serve.app import ServeConfig, create_app
+        from smdm.serve.app import ServeConfig, create_app, model_family
     except ImportError as error:
         raise SmdmError(f"smdm serve needs the serve extra ({error.name} is missing): pip install -e \".[serve]\"") \
             from None
@@ -59,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                          max_batch=args.max_batch, window_ms=args.batch_window_ms, max_queue=args.max_queue,
                          timeout_s=args.timeout)
     app = create_app(checkpoint.model, tokenizer, config)
-    family = "ARM" if checkpoint.model.causal else "MDM"
+    family = model_family(checkpoint.model).upper()
     print(f"smdm serve: {family} `{config.name}` on http://{args.host}:{args.port}/ (playground at /, API at /v1)"
           f"{' with an API key' if api_key else ''}", file=sys.stderr, flush=True)
     sys.setswitchinterval(0.0005)  # the sampler thread gets the GIL back quickly from the HTTP thread
