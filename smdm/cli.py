@@ -84,8 +84,10 @@ def _add_train_args(parser: argparse.ArgumentParser, sft: bool = False) -> None:
     parser.add_argument("--diffusion-block-size", type=positive_int, default=unset,
                         help="bdm: tokens per diffusion block (BD3-LM); must divide the context")
     parser.add_argument("--mask-rate-min", type=finite_float(0, 1), default=unset,
-                        help="bdm: clip each block's training masking rate to [min, max] (BD3-LM's clipped schedule)")
-    parser.add_argument("--mask-rate-max", type=finite_float(0, 1), default=unset, help="bdm: upper end of the clipped range")
+                        help="mdm, bdm: clip the training masking rates (each block's, for bdm) to [min, max] "
+                             "(BD3-LM's clipped schedule); validation stays unclipped")
+    parser.add_argument("--mask-rate-max", type=finite_float(0, 1), default=unset,
+                        help="mdm, bdm: upper end of the clipped range")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--max-steps", type=positive_int, default=unset)
     budget.add_argument("--max-tokens", type=positive_int, default=unset)

@@ -34,6 +34,18 @@ def mask_probability(t: torch.Tensor, eps: float = MASK_EPS) -> torch.Tensor:
     return (1.0 - eps) * t + eps
 
 
+def training_mask_rates(batch_size: int, generator: torch.Generator | None, low_discrepancy: bool, eps: float,
+                        rate_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """Each row's masking rate for a training draw: p(t) with t ~ U[0, 1), or, with `rate_range` (lo, hi), a rate
+    drawn uniformly from [lo, hi] (BD3-LM's clipped schedule, Arriola et al. 2025 Sec. 4: fewer nearly clean and
+    nearly all-masked rows, a lower-variance but biased estimate; for training only)."""
+    t = sample_times(batch_size, generator, low_discrepancy)
+    if rate_range is None:
+        return mask_probability(t, eps)
+    low, high = rate_range
+    return low + (high - low) * t
+
+
 def forward_process(tokens: torch.Tensor, mask_prob: torch.Tensor, mask_id: int,
                     generator: torch.Generator | None = None,
                     maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,14 +98,14 @@ def predicted_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.T
 
 def mdm_step_loss(model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator | None = None,
                   low_discrepancy: bool = False, eps: float = MASK_EPS, mask_id: int | None = None,
-                  weighting: str = "elbo") -> torch.Tensor:
+                  weighting: str = "elbo", rate_range: tuple[float, float] | None = None) -> torch.Tensor:
     """One Monte-Carlo draw of the MDM loss for a batch of clean token blocks.
 
     `mask_id` defaults to `model.mask_id`; pass it when `model` is a wrapper (DDP) that hides the attribute.
     `weighting` "ce" drops the 1/p(t) weight (Sahoo et al. 2026): same masks, same normaliser B·L, no bound.
+    `rate_range` clips the masking rates (`training_mask_rates`).
     """
-    t = sample_times(tokens.size(0), generator, low_discrepancy)
-    mask_prob = mask_probability(t, eps)
+    mask_prob = training_mask_rates(tokens.size(0), generator, low_discrepancy, eps, rate_range)
     noisy, masked = forward_process(tokens, mask_prob, model.mask_id if mask_id is None else mask_id, generator,
                                     maskable=predicted_positions(model, tokens))
     # Only masked positions carry loss, so the output head runs only there (same value and gradients).
@@ -131,7 +143,8 @@ def response_positions(prompt_lengths: torch.Tensor, length: int) -> torch.Tenso
 def mdm_sft_step_loss(model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
                       generator: torch.Generator | None = None, prompt_dropout: float = 0.0,
                       low_discrepancy: bool = False, eps: float = MASK_EPS,
-                      mask_id: int | None = None, weighting: str = "elbo") -> torch.Tensor:
+                      mask_id: int | None = None, weighting: str = "elbo",
+                      rate_range: tuple[float, float] | None = None) -> torch.Tensor:
     """One draw of the SFT loss: only response tokens are masked; each row's sum of CE/p is divided by its response
     length (so long answers do not dominate), then averaged over rows.
 
@@ -147,8 +160,7 @@ def mdm_sft_step_loss(model: torch.nn.Module, tokens: torch.Tensor, prompt_lengt
     shifted = predicted_positions(model, tokens)
     if shifted is not None:
         response = response & shifted
-    t = sample_times(batch, generator, low_discrepancy)
-    mask_prob = mask_probability(t, eps)
+    mask_prob = training_mask_rates(batch, generator, low_discrepancy, eps, rate_range)
     noisy, masked = forward_process(tokens, mask_prob, mask_id, generator, maskable=response)
     if prompt_dropout > 0:
         dropped = (torch.rand(batch, generator=generator) < prompt_dropout).to(tokens.device)

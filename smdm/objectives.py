@@ -101,10 +101,34 @@ class Autoregressive(Objective):
 
 
 @dataclass(frozen=True)
-class MaskedDiffusion(Objective):
+class ClippedRates:
+    """The diffusion families' clipped masking-rate range for training (BD3-LM, Arriola et al. 2025 Sec. 4: rates
+    drawn from [mask_rate_min, mask_rate_max], a lower-variance, biased estimate); validation stays unclipped."""
+
+    mask_rate_min: float | None = None
+    mask_rate_max: float | None = None
+
+    def rate_range(self) -> tuple[float, float] | None:
+        """The clipped range, None when neither end is set (the unclipped default path)."""
+        if self.mask_rate_min is None and self.mask_rate_max is None:
+            return None
+        low = MASK_EPS if self.mask_rate_min is None else self.mask_rate_min
+        high = 1.0 if self.mask_rate_max is None else self.mask_rate_max
+        check_time_range(low, high)
+        return low, high
+
+    def rate_options(self) -> dict[str, float]:
+        """The ends that were set, as a checkpoint records them."""
+        return {k: v for k, v in (("mask_rate_min", self.mask_rate_min), ("mask_rate_max", self.mask_rate_max))
+                if v is not None}
+
+
+@dataclass(frozen=True)
+class MaskedDiffusion(ClippedRates, Objective):
     """The MDM's ELBO (Nie et al. 2025, Eq. 3); `low_discrepancy` stratifies t across a batch, `prompt_dropout`
     hides whole prompts in SFT (standard CFG training), `loss_weighting` "ce" trains on the unweighted masked
-    cross-entropy (Sahoo et al. 2026) while validation stays the true ELBO."""
+    cross-entropy (Sahoo et al. 2026), `mask_rate_min`/`mask_rate_max` clip the training masking rates; validation
+    stays the true ELBO."""
 
     name: ClassVar[str] = "mdm"
     causal: ClassVar[bool] = False
@@ -115,21 +139,24 @@ class MaskedDiffusion(Objective):
     def __post_init__(self) -> None:
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise SmdmError(f"unknown loss weighting {self.loss_weighting!r}; use one of {', '.join(LOSS_WEIGHTINGS)}")
+        self.rate_range()
 
     def loss(self, model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator,
              mask_id: int) -> torch.Tensor:
         return mdm_step_loss(model, tokens, generator, self.low_discrepancy, mask_id=mask_id,
-                             weighting=self.loss_weighting)
+                             weighting=self.loss_weighting, rate_range=self.rate_range())
 
     def sft_loss(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
                  generator: torch.Generator, mask_id: int) -> torch.Tensor:
         return mdm_sft_step_loss(model, tokens, prompt_lengths, generator, self.prompt_dropout,
-                                 self.low_discrepancy, mask_id=mask_id, weighting=self.loss_weighting)
+                                 self.low_discrepancy, mask_id=mask_id, weighting=self.loss_weighting,
+                                 rate_range=self.rate_range())
 
     def options(self) -> dict[str, Any]:
-        # Only a non-default weighting is recorded, so checkpoints of the default recipe are unchanged and a resume
+        # Only non-default options are recorded, so checkpoints of the default recipe are unchanged and a resume
         # cannot silently switch the training loss.
-        return {} if self.loss_weighting == "elbo" else {"loss_weighting": self.loss_weighting}
+        recorded: dict[str, Any] = {} if self.loss_weighting == "elbo" else {"loss_weighting": self.loss_weighting}
+        return recorded | self.rate_options()
 
     def validation_draws(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor | None,
                          draws: int, seed: int) -> Iterator[torch.Tensor]:
@@ -143,7 +170,7 @@ class MaskedDiffusion(Objective):
 
 
 @dataclass(frozen=True)
-class BlockDiffusion(Objective):
+class BlockDiffusion(ClippedRates, Objective):
     """Block diffusion (BD3-LM, Arriola et al. 2025): masked diffusion inside blocks of `diffusion_block_size`
     tokens, conditioned on the clean previous blocks; one vectorised pass over 2L tokens (smdm.block_diffusion).
 
@@ -158,17 +185,14 @@ class BlockDiffusion(Objective):
     diffusion_block_size: int | None = None
     low_discrepancy: bool = False
     prompt_dropout: float = 0.0
-    mask_rate_min: float | None = None
-    mask_rate_max: float | None = None
 
     def __post_init__(self) -> None:
         if self.diffusion_block_size is None or self.diffusion_block_size < 1:
             raise SmdmError("the bdm objective needs --diffusion-block-size B (a positive divisor of the context)")
-        check_time_range(*self._time_range())
+        self.rate_range()
 
     def _time_range(self) -> tuple[float, float]:
-        low = MASK_EPS if self.mask_rate_min is None else self.mask_rate_min
-        return low, 1.0 if self.mask_rate_max is None else self.mask_rate_max
+        return self.rate_range() or (MASK_EPS, 1.0)
 
     def check_context(self, context: int) -> None:
         check_block_size(self.diffusion_block_size, context)
@@ -201,10 +225,7 @@ class BlockDiffusion(Objective):
                                         low_discrepancy=True)
 
     def options(self) -> dict[str, Any]:
-        recorded = {"diffusion_block_size": self.diffusion_block_size}
-        recorded.update({k: v for k, v in (("mask_rate_min", self.mask_rate_min),
-                                           ("mask_rate_max", self.mask_rate_max)) if v is not None})
-        return recorded
+        return {"diffusion_block_size": self.diffusion_block_size} | self.rate_options()
 
 
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (MaskedDiffusion, Autoregressive, BlockDiffusion)}

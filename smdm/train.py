@@ -92,7 +92,7 @@ class TrainConfig:
     max_unique_tokens: int | None = None  # train on the first U tokens of the split only, repeated (data-constrained)
     prompt_dropout: float = 0.0  # SFT, MDM: hide each example's whole prompt with this probability (standard CFG)
     diffusion_block_size: int | None = None  # bdm: tokens per diffusion block (BD3-LM); must divide seq_len
-    mask_rate_min: float | None = None  # bdm: clipped masking-rate range for training (BD3-LM), default [1e-3, 1]
+    mask_rate_min: float | None = None  # mdm, bdm: clipped masking-rate range for training (BD3-LM)
     mask_rate_max: float | None = None
     eval_every: int = 100
     eval_blocks: int = 32  # validation blocks

@@ -107,6 +107,41 @@ def test_ce_weighting_in_sft_keeps_the_response_normaliser():
     assert ce.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_clipped_mask_rates_draw_from_the_range_and_keep_the_draw_order():
+    """--mask-rate-min/max on an MDM: each row's rate is lo + (hi - lo)·t with the same t (and then the same uniform
+    draws for the masks) as the unclipped path, whose p(t) = (1 - eps)·t + eps is untouched."""
+    tokens = torch.randint(0, 16, (8, 64), generator=torch.Generator().manual_seed(0))
+    clipped = mdm_step_loss(_Uniform(), tokens, torch.Generator().manual_seed(3), low_discrepancy=True,
+                            weighting="ce", rate_range=(0.3, 0.8))
+    generator = torch.Generator().manual_seed(3)
+    t = sample_times(8, generator, low_discrepancy=True)
+    rate = 0.3 + 0.5 * t
+    assert bool(((rate >= 0.3) & (rate <= 0.8)).all())
+    masked = torch.rand(tokens.shape, generator=generator) < rate[:, None]
+    assert clipped.item() == pytest.approx(math.log(16) * masked.sum().item() / tokens.numel(), rel=1e-6)
+    plain = mdm_step_loss(_Uniform(), tokens, torch.Generator().manual_seed(3), low_discrepancy=True, weighting="ce")
+    assert plain.item() == mdm_step_loss(_Uniform(), tokens, torch.Generator().manual_seed(3), low_discrepancy=True,
+                                         weighting="ce", rate_range=None).item()
+    assert plain.item() != clipped.item()
+
+
+def test_clipped_rates_are_an_mdm_option_recorded_and_validation_stays_unclipped(toy_data, tmp_path):
+    objective = make_objective("mdm", mask_rate_min=0.3, mask_rate_max=0.8)
+    assert objective.options() == {"mask_rate_min": 0.3, "mask_rate_max": 0.8}
+    assert make_objective("mdm", mask_rate_min=0.2).rate_range() == (0.2, 1.0)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-test", vocab_size=64)).eval()
+    tokens = torch.randint(0, 64, (2, 16))
+    a = list(make_objective("mdm").validation_draws(model, tokens, None, 3, 7))
+    b = list(objective.validation_draws(model, tokens, None, 3, 7))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    with pytest.raises(SmdmError, match="0 < t_min <= t_max <= 1"):
+        make_objective("mdm", mask_rate_min=0.9, mask_rate_max=0.2)
+    train(tiny_run(toy_data, tmp_path / "run", max_steps=2, mask_rate_min=0.3, mask_rate_max=0.8))
+    with pytest.raises(SmdmError, match="not this run"):  # a resume cannot silently drop the clipping
+        train(tiny_run(toy_data, tmp_path / "run", max_steps=4, resume=True))
+
+
 def test_validation_is_the_elbo_whatever_the_training_weighting():
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("tiny-test", vocab_size=64)).eval()
