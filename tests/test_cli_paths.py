@@ -104,7 +104,8 @@ def test_demo_on_the_default_corpus_with_a_tiny_budget(offline_corpus, tmp_path,
     nll, stderr = sequence_nll(load_checkpoint(work / "mdm").model, held_out, mc_samples=128)
     assert (result["held_out_nll"], result["held_out_stderr"]) == pytest.approx((nll, stderr))
     assert json.loads((work / "mdm" / "checkpoint" / "config.json").read_text())["step"] == 2
-    assert json.loads((work / "mdm" / "train_config.json").read_text())["loss_weighting"] == "ce"
+    recorded = json.loads((work / "mdm" / "train_config.json").read_text())
+    assert (recorded["loss_weighting"], recorded["mask_rate_min"], recorded["mask_rate_max"]) == ("ce", 0.3, 0.8)
 
 
 def test_demo_keeps_a_run_of_the_earlier_recipe_beside_the_new_one(offline_corpus, tmp_path, capsys):
@@ -112,12 +113,16 @@ def test_demo_keeps_a_run_of_the_earlier_recipe_beside_the_new_one(offline_corpu
     work = cache.parent / "demo"
     args = ("demo", "--work-dir", str(work), "--max-steps", "2", "--model", "tiny-test", "--threads", "1")
     assert run_cli(capsys, *args)[0] == 0
-    config_file = work / "mdm" / "train_config.json"  # as a demo from before the CE recipe left it
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "loss_weighting": "elbo"}))
-    code, out, err = run_cli(capsys, *args)
-    assert code == 0, err
-    assert "kept as" in out and (work / "mdm-elbo" / "checkpoint").is_dir()
-    assert json.loads((work / "mdm" / "train_config.json").read_text())["loss_weighting"] == "ce"
+    config_file = work / "mdm" / "train_config.json"
+    for earlier, kept in (({"loss_weighting": "elbo", "mask_rate_min": None, "mask_rate_max": None}, "mdm-elbo"),
+                          ({"loss_weighting": "ce", "mask_rate_min": None, "mask_rate_max": None}, "mdm-ce")):
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **earlier}))  # an older demo's run
+        code, out, err = run_cli(capsys, *args)
+        assert code == 0, err
+        assert "kept as" in out and (work / kept / "checkpoint").is_dir()
+        assert json.loads(config_file.read_text())["mask_rate_min"] == 0.3
+    code, out, err = run_cli(capsys, *args)  # the current recipe's run is resumed, not set aside
+    assert code == 0 and "kept as" not in out
 
 
 def test_configs_lists_every_size_with_its_parameter_count(capsys):
