@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from smdm.diffusion import MASK_EPS, is_shifted, predicted_positions, response_positions
+from smdm.diffusion import MASK_EPS, check_shifted_context, is_shifted, predicted_positions, sft_maskable
 from smdm.errors import SmdmError
 from smdm.model import KVCache, Transformer
 from smdm.sampler_settings import REMASKINGS
@@ -234,10 +234,7 @@ def bdm_sft_step_loss(model: torch.nn.Module, tokens: torch.Tensor, prompt_lengt
     mask_id = model.mask_id if mask_id is None else mask_id
     batch, length = tokens.shape
     prompt_lengths = prompt_lengths.to(tokens.device)
-    response = response_positions(prompt_lengths, length)
-    predicted = predicted_positions(model, tokens)
-    if predicted is not None:
-        response = response & predicted
+    response = sft_maskable(model, tokens, prompt_lengths)
     times = sample_block_times(batch, -(-length // block_size), generator, t_min, t_max, low_discrepancy)
     noisy, masked, mask_prob = mask_blocks(tokens, times, block_size, mask_id, generator, maskable=response)
     clean = tokens
@@ -310,13 +307,21 @@ class BlockLayout:
         return pad, total, total - min(pad)
 
     @classmethod
+    def check_fits(cls, prompt_lengths: list[int], length: int, block_size: int,
+                   context: int) -> tuple[list[int], int, int]:
+        """`columns`, refusing a layout that needs more positions than the context."""
+        pad, total, needed = cls.columns(prompt_lengths, length, block_size)
+        if needed > context:
+            raise SmdmError(f"prompt ({max(prompt_lengths)}) + generation ({length}) tokens in whole blocks of "
+                            f"{block_size} need {needed} positions, more than the context: they exceed the block "
+                            f"size {context}")
+        return pad, total, needed
+
+    @classmethod
     def build(cls, prompts: list[list[int]], length: int, block_size: int, pad_id: int, mask_id: int,
               context: int, device: torch.device) -> BlockLayout:
-        pad, total, needed = cls.columns([len(p) for p in prompts], length, block_size)
+        pad, total, _ = cls.check_fits([len(p) for p in prompts], length, block_size, context)
         first = max(len(p) // block_size for p in prompts)
-        if needed > context:
-            raise SmdmError(f"prompt + {length} generated tokens, in whole blocks of {block_size}, need "
-                            f"{needed} positions, more than the context {context}")
         tokens = torch.full((len(prompts), total), mask_id, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             tokens[row, : pad[row]] = pad_id
@@ -506,9 +511,7 @@ def generate_blocks(model: Transformer, prompt_ids: PromptIds, length: int, step
     vocab = model.config.vocab_size
     if any(not 0 <= i < vocab for prompt in prompts for i in prompt):
         raise SmdmError(f"prompt ids must lie in [0, {vocab}) (the vocabulary, [MASK] excluded)")
-    if model.config.shifted and min(len(p) for p in prompts) < 1:
-        raise SmdmError("a shifted block-diffusion model (adapted from an ARM) predicts token i from position i-1: "
-                        "give a prompt of at least one token")
+    check_shifted_context(model, min(len(p) for p in prompts), "a prompt of at least one token (e.g. EOS)")
     layout, tokens, passes = block_sample(model, prompts, length, settings, generator, eos_id, stop_at_eos, on_step)
     completions = [row[begin: begin + length]
                    for row, begin in zip(tokens.tolist(), layout.starts.tolist(), strict=True)]
@@ -519,12 +522,6 @@ def generate_blocks(model: Transformer, prompt_ids: PromptIds, length: int, step
 
 
 # --- Likelihood ----------------------------------------------------------------------------------------------------
-
-
-def _check_shifted_prefix(model: Transformer, prefix: list[int]) -> None:
-    if not prefix and model.config.shifted:
-        raise SmdmError("a shifted block-diffusion model (adapted from an ARM) predicts token i from position i-1: "
-                        "give a non-empty prefix")
 
 
 @torch.no_grad()
@@ -545,7 +542,7 @@ def block_score(model: Transformer, prefix: list[int], target: list[int], block_
     if len(prefix) + len(target) > model.config.block_size:
         raise SmdmError(f"prefix ({len(prefix)}) + target ({len(target)}) tokens exceed the context "
                         f"{model.config.block_size}")
-    _check_shifted_prefix(model, prefix)
+    check_shifted_context(model, len(prefix), "a non-empty prefix")
     if block_size > 1 and (mc_samples < 2 or batch_size < 1):
         raise SmdmError("mc_samples must be at least 2 and batch_size at least 1")
     device = model.lm_head.weight.device
@@ -591,7 +588,7 @@ def block_chain_score(model: Transformer, prefix: list[int], target: list[int], 
     if len(prefix) + len(target) > model.config.block_size:
         raise SmdmError(f"prefix ({len(prefix)}) + target ({len(target)}) tokens exceed the context "
                         f"{model.config.block_size}")
-    _check_shifted_prefix(model, prefix)
+    check_shifted_context(model, len(prefix), "a non-empty prefix")
     device = model.lm_head.weight.device
     full = torch.tensor(prefix + target, device=device)
     start, length = len(prefix), len(prefix) + len(target)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from smdm.errors import SmdmError
+
 MASK_EPS = 1e-3
 # Training-loss weightings of the masked tokens' cross-entropy. "elbo": 1/p(t), the bound itself (Nie et al. 2025,
 # Eq. 3). "ce": no weight, Sahoo et al. 2026 (arXiv 2602.15014, "a simple cross-entropy objective", ~12% more
@@ -88,6 +90,21 @@ def is_shifted(model: torch.nn.Module) -> bool:
     return bool(getattr(getattr(inner, "config", None), "shifted", False))
 
 
+def check_shifted_context(model: torch.nn.Module, shortest: int, what: str) -> None:
+    """Refuse an empty context for a shifted model (Dream, or an ARM adapted into an MDM or a BDM): it predicts token
+    i from position i-1, so nothing predicts position 0. `what` says what to give, e.g. "a non-empty prefix"."""
+    if shortest < 1 and is_shifted(model):
+        raise SmdmError("a shifted model (Dream-style, or adapted from an ARM) predicts token i from position i-1: "
+                        f"give {what}")
+
+
+def sft_maskable(model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """Where SFT may mask: the response (`response_positions`), never position 0 of a shifted model."""
+    response = response_positions(prompt_lengths.to(tokens.device), tokens.size(1))
+    predicted = predicted_positions(model, tokens)
+    return response if predicted is None else response & predicted
+
+
 def predicted_positions(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
     """Where masking may happen: everywhere (None), except position 0 of a shifted MDM (Dream), whose network has no
     output predicting token 0 (its logit i predicts token i+1; Dream's training never masks the first token)."""
@@ -156,10 +173,7 @@ def mdm_sft_step_loss(model: torch.nn.Module, tokens: torch.Tensor, prompt_lengt
     mask_id = model.mask_id if mask_id is None else mask_id
     batch, length = tokens.shape
     prompt_lengths = prompt_lengths.to(tokens.device)
-    response = response_positions(prompt_lengths, length)
-    shifted = predicted_positions(model, tokens)
-    if shifted is not None:
-        response = response & shifted
+    response = sft_maskable(model, tokens, prompt_lengths)
     mask_prob = training_mask_rates(batch, generator, low_discrepancy, eps, rate_range)
     noisy, masked = forward_process(tokens, mask_prob, mask_id, generator, maskable=response)
     if prompt_dropout > 0:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from smdm.diffusion import mask_probability, sample_times
+from smdm.diffusion import check_shifted_context, mask_probability, sample_times
 from smdm.errors import SmdmError
 from smdm.model import Transformer
 
@@ -53,8 +53,7 @@ class ScoreResult(NamedTuple):
 def _check_pair(model: Transformer, prefix: list[int], target: list[int], suffix: Sequence[int] = ()) -> None:
     if not target:
         raise SmdmError("the target to score is empty")
-    if not prefix and getattr(model.config, "shifted", False):
-        raise SmdmError("a shifted MDM (Dream-style) predicts token i from position i-1: give a non-empty prefix")
+    check_shifted_context(model, len(prefix), "a non-empty prefix")
     if len(prefix) + len(target) + len(suffix) > model.config.block_size:
         raise SmdmError(f"prefix ({len(prefix)}) + target ({len(target)}) + suffix ({len(suffix)}) tokens exceed "
                         f"the block size {model.config.block_size}")

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from smdm.diffusion import check_shifted_context
 from smdm.errors import SmdmError
 from smdm.model import Transformer, WindowCache
 from smdm.sampler_settings import (  # noqa: F401 -- the settings type and its constants, re-exported
@@ -285,9 +286,7 @@ def check_prompts(model: Transformer, prompts: list[list[int]], length: int) -> 
                         f"{model.config.block_size}; shorten the prompt or the length")
     if model.causal and min(len(p) for p in prompts) < 1:
         raise SmdmError("an ARM needs a prompt of at least one token (start unconditional samples with EOS)")
-    if getattr(model.config, "shifted", False) and min(len(p) for p in prompts) < 1:
-        raise SmdmError("a shifted MDM (Dream-style) predicts token i from position i-1: give a prompt of at least "
-                        "one token (e.g. BOS)")
+    check_shifted_context(model, min(len(p) for p in prompts), "a prompt of at least one token (e.g. BOS)")
 
 
 def _mdm_plan(length: int, steps: int | None, block_length: int | None, remasking: str,

@@ -188,11 +188,7 @@ def parse_request(body: Any, model, tokenizer, config: ServeConfig, chat: bool) 
                   cfg_scale=cfg_scale, threshold=threshold, cache=cache, top_p=top_p, eos_id=tokenizer.eos_id)
         for ids in prompts:
             if family == "bdm":  # whole blocks after the prompt's full blocks
-                needed = BlockLayout.columns([len(ids)], max_tokens, model.diffusion_block_size)[2]
-                if needed > context:
-                    raise SmdmError(f"prompt ({len(ids)}) + generation ({max_tokens}) tokens in whole blocks of "
-                                    f"{model.diffusion_block_size} need {needed} positions; they exceed the block "
-                                    f"size {context}")
+                BlockLayout.check_fits([len(ids)], max_tokens, model.diffusion_block_size, context)
             check_prompts(model, [ids + (suffix_ids or [])], max_tokens)
     except SmdmError as error:
         message = str(error)
