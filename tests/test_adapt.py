@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 from safetensors.torch import load_file
+from test_interop import _plain_transformers
 from test_train import tiny_run
 
 from smdm.adapt import WithAttentionMask, anneal_ratio, annealed_attention_mask
@@ -192,7 +193,8 @@ def test_hf_llama_directory_adapts_with_a_new_mask_row(toy_data, tmp_path):
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    with _plain_transformers():  # the reference code test_interop loads patches transformers' RoPE table
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
     train(tiny_run(toy_data, tmp_path / "mdm", objective="mdm", init_from=str(tmp_path / "llama"), max_steps=2,
                    attention_anneal_steps=2))
     adapted = load_checkpoint(tmp_path / "mdm")
