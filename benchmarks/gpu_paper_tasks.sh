@@ -3,13 +3,15 @@
 # GPU session (~10 min on an H100/H200 after the first call's start-up). Each part writes JSON next to its log.
 #
 #   A. benchmarks/sampling.py with a model pair large enough to be confident: tiny-12m, 256-token sequences,
-#      batch 64, TRAIN_STEPS steps on the embedded corpus (the demo recipe's data and tokenizer), timed on the GPU.
+#      batch 64, TRAIN_STEPS steps on the embedded corpus (the demo's data, tokenizer and MDM recipe: simple CE,
+#      masking rates in [0.3, 0.8]), timed on the GPU; with BDMs of the block sizes in BDM_SIZES (default 4 16)
+#      at equal training compute (issue 16's speed / quality frontier).
 #   B. smdm task reversal, MDM and ARM fine-tuned the same way (REV_EPOCHS epochs) from part A's pre-trained pair
 #      when it is there (the paper's shape: pre-train, then learn the facts), else REV_MODEL from scratch;
 #      evaluated on the four test files with likelihood ranking. On 2 CPU cores, tiny-1m from scratch ranks the
 #      right name 32% of the time in reverse (ARM: chance) but generates it 0% of the time (docs/reversal.md).
 #
-# Usage: bash benchmarks/gpu_paper_tasks.sh [A|B|AB]        (env: PYTHON, WORK, TRAIN_STEPS, REV_MODEL, REV_EPOCHS)
+# Usage: bash benchmarks/gpu_paper_tasks.sh [A|B|AB]   (env: PYTHON, WORK, TRAIN_STEPS, BDM_SIZES, REV_MODEL, REV_EPOCHS)
 # SMOKE=1 runs the same plumbing on a CPU in a few minutes with toy sizes (what CI-less checks can do here).
 # Offline machines (the lent device reaches nothing and sees no ../shared): copy the inputs into an ignored folder
 # first and carry it, e.g.  mkdir -p runs/gpu-inputs && cp -r ../shared/data/reversal_curse runs/cache/*.json
@@ -24,11 +26,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "${SMOKE:-0}" == 1 ]]; then
     DEVICE=cpu; MODEL=tiny-test; BATCH=4; TRAIN_STEPS=${TRAIN_STEPS:-4}; SAMPLES=2; LENGTH=32; BLOCK=8; SEQ=64
     REV_MODEL=${REV_MODEL:-tiny-test}; REV_EPOCHS=${REV_EPOCHS:-0.02}; LIMIT="--limit 4"; RANK=4; THREADS="--threads 1"
+    BDM_SIZES=${BDM_SIZES:-4}
 else
     "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_paper_tasks: no CUDA device')"
     "$PYTHON" -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name(0))"
     DEVICE=cuda; MODEL=tiny-12m; BATCH=64; TRAIN_STEPS=${TRAIN_STEPS:-3000}; SAMPLES=64; LENGTH=256; BLOCK=32; SEQ=256
     REV_MODEL=${REV_MODEL:-tiny-12m}; REV_EPOCHS=${REV_EPOCHS:-200}; LIMIT=""; RANK=60; THREADS=""
+    BDM_SIZES=${BDM_SIZES:-4 16}
 fi
 mkdir -p "$WORK"
 CORPUS_JSON=${CORPUS_JSON:-runs/cache/summaries_en-us.json}
@@ -39,14 +43,17 @@ fi
 if [[ "$PARTS" == *A* ]]; then
     "$PYTHON" benchmarks/sampling.py --work-dir "$WORK/sampling" --model "$MODEL" --batch-size "$BATCH" \
         --train-steps "$TRAIN_STEPS" --seq-len "$SEQ" --device "$DEVICE" --samples "$SAMPLES" --length "$LENGTH" \
-        --block-length "$BLOCK" --repeats 2 --json "$WORK/sampling.json" $THREADS 2>&1 | tee "$WORK/sampling.log"
+        --block-length "$BLOCK" --repeats 2 --json "$WORK/sampling.json" --mdm-recipe demo \
+        --bdm-block-sizes $BDM_SIZES $THREADS 2>&1 | tee "$WORK/sampling.log"
 fi
 
 if [[ "$PARTS" == *B* ]]; then
     for objective in mdm arm; do
         start=(--model "$REV_MODEL")
-        if [[ -f "$WORK/sampling/$objective/summary.json" ]]; then
-            start=(--init-from "$WORK/sampling/$objective/checkpoint")
+        pretrained="$WORK/sampling/$objective"
+        [[ "$objective" == mdm ]] && pretrained="$WORK/sampling/mdm-demo-recipe"
+        if [[ -f "$pretrained/summary.json" ]]; then
+            start=(--init-from "$pretrained/checkpoint")
         fi
         "$PYTHON" -m smdm task reversal --data-dir "$DATA" --out "$WORK/reversal-$objective" "${start[@]}" \
             --objective "$objective" --epochs "$REV_EPOCHS" --batch-size "$BATCH" --lr 1e-3 --device "$DEVICE" \

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from smdm.checkpoint import load_checkpoint
 from smdm.corpus import default_corpus
 from smdm.data.prepare import PrepareConfig, prepare_corpus, read_documents
+from smdm.demo import RECIPE
 from smdm.model import Transformer
 from smdm.sample import generate, prepare_prompts
 from smdm.tokenizer import Tokenizer, train_bpe
@@ -59,18 +60,23 @@ def prepare_data(work: Path) -> Path:
 
 
 def train_pair(data: Path, work: Path, threads: int | None, max_steps: int, model: str = "tiny-1m",
-               batch_size: int = 16, lr: float = 3e-3, seq_len: int = 256) -> tuple[Path, Path]:
-    """An MDM and an ARM of the same size trained identically on the same data (resumed/reused when done)."""
+               batch_size: int = 16, lr: float = 3e-3, seq_len: int = 256,
+               mdm_recipe: str = "plain") -> tuple[Path, Path]:
+    """An MDM and an ARM of the same size trained identically on the same data (resumed/reused when done).
+
+    mdm_recipe "demo" trains the MDM by the demo's recipe (simple CE, masking rates clipped to [0.3, 0.8]: the
+    winners of issue 15's recipe study) in its own run directory, so a reused plain run is never mistaken for it."""
     runs = {}
     for objective in ("mdm", "arm"):
-        out = work / objective
+        recipe = RECIPE if objective == "mdm" and mdm_recipe == "demo" else {}
+        out = work / (f"{objective}-demo-recipe" if recipe else objective)
         summary = out / "summary.json"
         if not summary.exists():
             print(f"training the {objective.upper()} -> {out}", flush=True)
             train(TrainConfig(
                 data_dir=str(data), out_dir=str(out), model=model, objective=objective, seq_len=seq_len,
                 batch_size=batch_size, max_steps=max_steps, lr=lr, low_discrepancy=objective == "mdm", eval_every=150,
-                save_every=150, eval_blocks=64, threads=threads, resume=True, progress=False,
+                save_every=150, eval_blocks=64, threads=threads, resume=True, progress=False, **recipe,
             ))
         runs[objective] = out
     return runs["mdm"], runs["arm"]
@@ -298,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="tiny-1m", help="config of both models (the demo recipe: tiny-1m)")
     parser.add_argument("--batch-size", type=int, default=16, help="training sequences (of --seq-len tokens) per step")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--mdm-recipe", choices=["plain", "demo"], default="plain",
+                        help="plain: the recorded CPU rows' MDM (1/t ELBO, t in (0, 1]); demo: `make demo`'s recipe "
+                             "(simple CE, masking rates clipped to [0.3, 0.8])")
     parser.add_argument("--seq-len", type=int, default=256, help="training sequence length (>= --length)")
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=0,
@@ -327,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = prepare_data(work)
     mdm_dir, arm_dir = train_pair(data, work, args.threads, args.train_steps, args.model, args.batch_size,
-                                args.lr, args.seq_len)
+                                args.lr, args.seq_len, args.mdm_recipe)
     bdm_dirs = train_bdms(data, work, args, arm_dir)
     if args.train_only:
         return
