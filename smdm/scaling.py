@@ -410,6 +410,23 @@ def envelope_gap(results: list[RunResult], count: str) -> dict[str, Any] | None:
                              "runs": [r.name for r in arm_runs]}, "points": points}
 
 
+def gap_undetermined(alphas: dict[str, list[float]]) -> str | None:
+    """Why the gap from the two fitted laws means nothing, or None when it does.
+
+    The gap inverts the MDM's law, C = (L / A)^(-1/alpha). When the bootstrap interval of a family's alpha reaches 0,
+    the data allow a law that hardly falls, and the inverse can give any compute at all. The point estimate is
+    then an artefact of the fit (docs/scaling.md saw intervals such as [2.5, 1e12]), so it is reported as not
+    determined; the best-run gap (`envelope_gap`) still reads the measured losses.
+    """
+    for family, values in alphas.items():
+        ci = _interval(values)
+        if ci is None:
+            return f"too few bootstrap fits of the {family.upper()} law for an interval on its alpha"
+        if ci[0] <= 0:
+            return f"the {family.upper()} alpha's 95% interval [{ci[0]:.3f}, {ci[1]:.3f}] reaches 0"
+    return None
+
+
 def _interval(values: list[float], level: float = 0.95) -> list[float] | None:
     finite = [v for v in values if math.isfinite(v)]
     if len(finite) < 10:
@@ -491,13 +508,16 @@ def fit_sweep(results: list[RunResult], count: str = "attention", irreducible: b
             entry[f"loss_vs_flops_{c}"] = _law_json(by_count[c]["loss"], samples[family].get(f"{c}:alpha", []))
         report["families"][family] = entry
     if "mdm" in fits and "arm" in fits:
-        report["compute_gap"] = {}
+        report["compute_gap"], report["compute_gap_undetermined"] = {}, {}
         for c in [count, *other]:
             report["compute_gap"][c] = {
                 label: {"gap": compute_gap(fits["mdm"][c]["loss"], fits["arm"][c]["loss"], flops),
                         "ci95": _interval(gap_samples.get(f"{c}:{label}", []))}
                 for label, flops in gap_at.items()
             }
+            why = gap_undetermined({f: samples[f].get(f"{c}:alpha", []) for f in ("arm", "mdm")})
+            if why:
+                report["compute_gap_undetermined"][c] = why
     report["compute_gap_envelope"] = {c: envelope_gap(results, c) for c in [count, *other]}
     report["bootstrap"] = {"replicates": bootstrap, "seed": seed, "method": "residual (pooled parabola residuals)"}
     return report
@@ -599,6 +619,8 @@ def plot_sweep(results: list[RunResult], report: dict[str, Any], out_dir: str | 
     if unigram is not None:
         ax.axhline(unigram, color="grey", ls=":", lw=1, label="unigram entropy of the validation text")
     gap = report.get("compute_gap", {}).get(count)
+    if count in report.get("compute_gap_undetermined", {}):
+        gap = None  # the laws' gap is an artefact there: title the plot with the best runs' gap
     envelope = (report.get("compute_gap_envelope") or {}).get(count)
     if gap:
         values = [g["gap"] for g in gap.values() if math.isfinite(g["gap"])]

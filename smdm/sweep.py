@@ -324,6 +324,11 @@ def fit_report(spec: SweepSpec, runs: list[PlannedRun], out: str | Path, data_di
         lines.append(f"{family.upper()}: N* ~ C^{entry['n_opt_exponent']['a']:.3f}, "
                      f"D* ~ C^{entry['d_opt_exponent']['b']:.3f}")
     for count, gaps in report.get("compute_gap", {}).items():
+        why = report.get("compute_gap_undetermined", {}).get(count)
+        if why:
+            lines.append(f"compute gap MDM/ARM from the fitted laws ({count}): not determined ({why}); "
+                         "read the gap from the best runs below")
+            continue
         lines.append(f"compute gap MDM/ARM ({count}): " + ", ".join(
             f"{g['gap']:.1f}x at {label}" + (f" [{g['ci95'][0]:.1f}, {g['ci95'][1]:.1f}]" if g["ci95"] else "")
             for label, g in gaps.items()))

@@ -190,6 +190,26 @@ def test_envelope_gap_reads_the_best_runs_without_parabolas():
     assert envelope_gap(arm, "attention") is None
 
 
+def test_gap_from_laws_is_not_determined_when_the_mdm_alpha_interval_reaches_zero(tmp_path):
+    """A flat MDM frontier (the same best loss at every budget, as on the unigram plateau) has an alpha interval
+    around 0: inverting its law gives any compute at all, so no law-based gap is printed, only the reason."""
+    rng = np.random.default_rng(4)
+    flat = []
+    for budget in (1e17, 1e18, 1e19, 1e20):
+        best = math.sqrt(budget / 120)
+        for i, n in enumerate(best * 2.0 ** np.arange(-2, 3)):
+            loss = 4.0 + 0.05 * (i - 2) ** 2 + rng.normal(0, 0.02)
+            flat.append(RunResult(f"mdm-{i}-{budget:.0e}", "mdm", budget, float(n), budget / (6 * n),
+                                  {"attention": budget, "6n": budget}, float(loss)))
+    report = fit_sweep(_synthetic("arm", seed=1) + flat, bootstrap=200, seed=0)
+    ci = report["families"]["mdm"]["loss_vs_flops"]["alpha_ci95"]
+    assert ci[0] <= 0 < ci[1]
+    assert set(report["compute_gap_undetermined"]) == {"attention", "6n"}
+    assert "MDM alpha's 95% interval" in report["compute_gap_undetermined"]["attention"]
+    well_determined = fit_sweep(_synthetic("arm", seed=1) + _synthetic("mdm", k=16.0, seed=2), bootstrap=200)
+    assert well_determined["compute_gap_undetermined"] == {}
+
+
 def test_fitter_tells_different_exponents_apart():
     # An MDM whose loss falls more slowly (exponent 0.25·0.2/0.45 = 0.111) next to the ARM (0.154).
     report = fit_sweep(_synthetic("arm", seed=1) + _synthetic("mdm", seed=3, al=0.25, be=0.2), bootstrap=100)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Issue 16's equal-compute target (BDM validation bound between the ARM's and the MDM's) with the recipe of issue 15:
+# the demo's setting (tiny-1m, the embedded corpus and its 384-token BPE, 32 x 128 tokens, lr 3e-3, stratified t),
+# the ARM and the demo-recipe MDM for STEPS steps, each BDM for STEPS/2 (a BDM token costs two passes: equal FLOPs),
+# once with the plain 1/t ELBO over t in (0, 1] and once with the MDM's winning recipe (simple CE, rates in
+# [0.3, 0.8]). Every run is an ordinary `smdm train --resume` run: kill and rerun to continue; JOBS runs side by side.
+# Validation is the same for every recipe (the exact NLL for the ARM, the unclipped ELBO for the others).
+#   nice -n 19 bash benchmarks/bdm_recipe.sh && python benchmarks/recipe_table.py runs/bdm-recipe
+set -euo pipefail
+WORK=${WORK:-runs/bdm-recipe}
+STEPS=${STEPS:-900}
+SEED=${SEED:-0}
+SIZES=${SIZES:-"4 8 16"}
+JOBS=${JOBS:-2}
+PY=${PY:-python}
+mkdir -p "$WORK"
+if [ ! -f "$WORK/tokens/manifest.json" ]; then
+  CORPUS=$($PY -c "from pathlib import Path; from smdm.corpus import default_corpus; print(default_corpus(Path('runs/cache')))")
+  $PY -m smdm tokenizer train --input "$CORPUS" --vocab-size 384 --out "$WORK/tokenizer.json"
+  $PY -m smdm prepare --input "$CORPUS" --tokenizer "$WORK/tokenizer.json" --out "$WORK/tokens" --val-fraction 0.02
+fi
+recipe=(--loss-weighting ce --mask-rate-min 0.3 --mask-rate-max 0.8)
+runs=("arm arm $STEPS" "mdm-recipe mdm $STEPS ${recipe[*]}")
+for size in $SIZES; do
+  runs+=("bdm$size-plain bdm $((STEPS / 2)) --diffusion-block-size $size")
+  runs+=("bdm$size-recipe bdm $((STEPS / 2)) --diffusion-block-size $size ${recipe[*]}")
+done
+for run in "${runs[@]}"; do
+  read -r name objective steps extra <<<"$run"
+  [ -f "$WORK/$name-s$SEED/summary.json" ] && continue
+  ld=(--low-discrepancy)
+  [ "$objective" = arm ] && ld=()
+  # shellcheck disable=SC2086  # $extra holds several flags
+  $PY -m smdm train --data "$WORK/tokens" --out "$WORK/$name-s$SEED" --model tiny-1m --objective "$objective" \
+    --seq-len 128 --batch-size 32 --lr 3e-3 --max-steps "$steps" --eval-every 75 --eval-blocks 64 \
+    --save-every 75 --seed "$SEED" --threads 1 --no-progress --resume "${ld[@]}" $extra \
+    > "$WORK/$name-s$SEED.log" 2>&1 &
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
+done
+wait
