@@ -12,7 +12,7 @@
 #      right name 32% of the time in reverse (ARM: chance) but generates it 0% of the time (docs/reversal.md).
 #
 # Usage: bash benchmarks/gpu_paper_tasks.sh [A|B|AB]   (env: PYTHON, WORK, TRAIN_STEPS, REPEATS, BDM_SIZES,
-#        REV_MODEL, REV_EPOCHS; docs/gpu.md has the durations measured on an H200)
+#        RNG_DEVICE=cpu|model, REV_MODEL, REV_EPOCHS; docs/gpu.md has the durations measured on an H200)
 # SMOKE=1 runs the same plumbing on a CPU in a few minutes with toy sizes (what CI-less checks can do here).
 # Offline machines (the lent device reaches nothing and sees no ../shared): copy the inputs into an ignored folder
 # first and carry it, e.g.  mkdir -p runs/gpu-inputs && cp -r ../shared/data/reversal_curse runs/cache/*.json
@@ -45,6 +45,7 @@ if [[ "$PARTS" == *A* ]]; then
     "$PYTHON" benchmarks/sampling.py --work-dir "$WORK/sampling" --model "$MODEL" --batch-size "$BATCH" \
         --train-steps "$TRAIN_STEPS" --seq-len "$SEQ" --device "$DEVICE" --samples "$SAMPLES" --length "$LENGTH" \
         --block-length "$BLOCK" --repeats "${REPEATS:-2}" --json "$WORK/sampling.json" --mdm-recipe demo \
+        --rng-device "${RNG_DEVICE:-cpu}" \
         --bdm-block-sizes $BDM_SIZES $THREADS 2>&1 | tee "$WORK/sampling.log"
 fi
 

@@ -209,7 +209,8 @@ def run_benchmark(mdm: Transformer, arm: Transformer, eos: int, args: argparse.N
             prompts = prepare_prompts(model, [[]] * args.samples, eos)  # an ARM (or adapted BDM) starts after EOS
 
         def run(method: Method = method, model: Transformer = model, prompts: list = prompts):
-            return generate(model, prompts, args.length, generator=torch.Generator().manual_seed(args.seed),
+            generator = torch.Generator(args.device if args.rng_device == "model" else "cpu")
+            return generate(model, prompts, args.length, generator=generator.manual_seed(args.seed),
                             **method.options)
 
         result, seconds = timed(run, args.repeats, mdm.lm_head.weight.device)
@@ -319,6 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per method (fastest counts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rng-device", choices=["cpu", "model"], default="cpu",
+                        help="where sampling noise is drawn: cpu (the same draws on every device) or the models' "
+                             "device (no per-step copy of float64 noise to a GPU; other draws)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--plot", help="also draw speed against quality into this PNG")
     parser.add_argument("--bdm-block-sizes", type=int, nargs="*", default=[],

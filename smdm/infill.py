@@ -32,6 +32,7 @@ from smdm.sample import (
     sample_tokens,
     smdm_tokens_to_reveal,
     tokens_to_reveal,
+    uniform_draws,
 )
 
 MARKER = re.compile(r"<\|mask:(\d+)\|>")
@@ -174,7 +175,7 @@ def _infill_step(logits: torch.Tensor, block: torch.Tensor, current: torch.Tenso
     """
     masked = current & (block == mask_id)
     if plan.remasking == "random":
-        draw = torch.rand(masked.shape, generator=generator).to(masked.device)
+        draw = uniform_draws(masked.shape, generator, masked.device)
         reveal = masked & (draw < 1.0 / steps_left[:, None])
         return block.masked_scatter(reveal, sample_tokens(logits[reveal], plan.temperature, plan.top_p, generator))
     candidates = logits[masked]

@@ -149,6 +149,18 @@ class PromptBatch:
         return (columns >= self.pad_columns()[:, None]) & (columns < self.width)
 
 
+def uniform_draws(shape: torch.Size, generator: torch.Generator | None, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """U(0, 1) draws made on the generator's device, then moved to `device`.
+
+    With the default CPU generator a seed gives the same draws on every device. A generator on the model's GPU skips
+    making (B x n x V) float64 numbers on the CPU and copying them at every step, which dominated low-confidence
+    sampling of a whole canvas on an H200 (docs/gpu.md).
+    """
+    made_on = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(shape, generator=generator, dtype=dtype, device=made_on).to(device)
+
+
 def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Gumbel-max sampling scores in float64: argmax(logits/T + Gumbel) ~ softmax(logits/T).
 
@@ -156,7 +168,7 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.
     """
     if temperature == 0:
         return logits
-    uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64).to(logits.device)
+    uniform = uniform_draws(logits.shape, generator, logits.device, torch.float64)
     gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
     return logits.double() / temperature + gumbel
 
@@ -224,7 +236,7 @@ def reveal_low_confidence(confidence: torch.Tensor, masked: torch.Tensor, count:
 def reveal_random(masked: torch.Tensor, step: int, steps: int, generator: torch.Generator | None) -> torch.Tensor:
     """(B, n) positions to reveal on the step from t = 1 - step/steps to s = t - 1/steps: each masked one with
     probability (t - s) / t = 1 / (steps - step), the reverse process of the forward masking (last step: all)."""
-    draw = torch.rand(masked.shape, generator=generator).to(masked.device)
+    draw = uniform_draws(masked.shape, generator, masked.device)
     return masked & (draw < 1.0 / (steps - step))
 
 
