@@ -14,11 +14,8 @@ SIZES=${SIZES:-"4 8 16"}
 JOBS=${JOBS:-2}
 PY=${PY:-python}
 mkdir -p "$WORK"
-if [ ! -f "$WORK/tokens/manifest.json" ]; then
-  CORPUS=$($PY -c "from pathlib import Path; from smdm.corpus import default_corpus; print(default_corpus(Path('runs/cache')))")
-  $PY -m smdm tokenizer train --input "$CORPUS" --vocab-size 384 --out "$WORK/tokenizer.json"
-  $PY -m smdm prepare --input "$CORPUS" --tokenizer "$WORK/tokenizer.json" --out "$WORK/tokens" --val-fraction 0.02
-fi
+# shellcheck source=benchmarks/demo_tokens.sh
+source "$(dirname "$0")/demo_tokens.sh"
 recipe=(--loss-weighting ce --mask-rate-min 0.3 --mask-rate-max 0.8)
 runs=("arm arm $STEPS" "mdm-recipe mdm $STEPS ${recipe[*]}")
 for size in $SIZES; do

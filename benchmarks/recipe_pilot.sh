@@ -12,11 +12,8 @@ SEEDS=${SEEDS:-"0 1"}
 SETTINGS=${SETTINGS:-"base smdm-init ce smdm-init+ce"}
 PY=${PY:-python}
 mkdir -p "$WORK"
-if [ ! -f "$WORK/tokens/manifest.json" ]; then
-  CORPUS=$($PY -c "from pathlib import Path; from smdm.corpus import default_corpus; print(default_corpus(Path('runs/cache')))")
-  $PY -m smdm tokenizer train --input "$CORPUS" --vocab-size 384 --out "$WORK/tokenizer.json"
-  $PY -m smdm prepare --input "$CORPUS" --tokenizer "$WORK/tokenizer.json" --out "$WORK/tokens" --val-fraction 0.02
-fi
+# shellcheck source=benchmarks/demo_tokens.sh
+source "$(dirname "$0")/demo_tokens.sh"
 for seed in $SEEDS; do
   for setting in $SETTINGS; do
     case $setting in
