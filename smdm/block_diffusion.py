@@ -184,14 +184,17 @@ def vectorised_logits(model: torch.nn.Module, noisy: torch.Tensor, clean: torch.
 
 
 def block_diffusion_ce(model: torch.nn.Module, tokens: torch.Tensor, noisy: torch.Tensor, masked: torch.Tensor,
-                       mask_prob: torch.Tensor, block_size: int, clean: torch.Tensor | None = None) -> torch.Tensor:
+                       mask_prob: torch.Tensor, block_size: int, clean: torch.Tensor | None = None,
+                       weighting: str = "elbo") -> torch.Tensor:
     """(n_masked,) cross-entropy / t of each masked token, in `masked.nonzero()` order; mask_prob is (B, L).
 
     `clean` is the clean stream fed to the model (default `tokens`; classifier-free-guidance training hides the
-    prompt there too); `tokens` are the targets.
+    prompt there too); `tokens` are the targets. `weighting` "ce" leaves out the 1/t (Sahoo et al. 2026).
     """
     logits = vectorised_logits(model, noisy, tokens if clean is None else clean, block_size, select=masked)
     token_ce = F.cross_entropy(logits.float(), tokens[masked], reduction="none")
+    if weighting == "ce":
+        return token_ce
     return token_ce / mask_prob.to(logits.device)[masked].float()
 
 
@@ -208,8 +211,9 @@ def mask_blocks(tokens: torch.Tensor, block_times: torch.Tensor, block_size: int
 
 def bdm_step_loss(model: torch.nn.Module, tokens: torch.Tensor, block_size: int,
                   generator: torch.Generator | None = None, t_min: float = MASK_EPS, t_max: float = 1.0,
-                  low_discrepancy: bool = False, mask_id: int | None = None) -> torch.Tensor:
-    """One Monte-Carlo draw of the block-diffusion loss, sum of CE / t over masked tokens / (batch x length).
+                  low_discrepancy: bool = False, mask_id: int | None = None, weighting: str = "elbo") -> torch.Tensor:
+    """One Monte-Carlo draw of the block-diffusion loss, sum of CE / t over masked tokens / (batch x length)
+    (weighting "ce": the plain CE over masked tokens / (batch x length)).
 
     A length that is not a multiple of the block size (a random-length batch) ends in a shorter last block.
     """
@@ -218,13 +222,14 @@ def bdm_step_loss(model: torch.nn.Module, tokens: torch.Tensor, block_size: int,
                                low_discrepancy)
     noisy, masked, mask_prob = mask_blocks(tokens, times, block_size, mask_id, generator,
                                            maskable=predicted_positions(model, tokens))
-    return block_diffusion_ce(model, tokens, noisy, masked, mask_prob, block_size).sum() / tokens.numel()
+    return block_diffusion_ce(model, tokens, noisy, masked, mask_prob, block_size,
+                              weighting=weighting).sum() / tokens.numel()
 
 
 def bdm_sft_step_loss(model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor, block_size: int,
                       generator: torch.Generator | None = None, prompt_dropout: float = 0.0,
                       t_min: float = MASK_EPS, t_max: float = 1.0, low_discrepancy: bool = False,
-                      mask_id: int | None = None) -> torch.Tensor:
+                      mask_id: int | None = None, weighting: str = "elbo") -> torch.Tensor:
     """SFT: only response tokens are masked and scored; each row's sum of CE / t is divided by its response length,
     then rows are averaged (as `smdm.diffusion.mdm_sft_step_loss`).
 
@@ -241,7 +246,7 @@ def bdm_sft_step_loss(model: torch.nn.Module, tokens: torch.Tensor, prompt_lengt
     if prompt_dropout > 0:
         dropped = (torch.rand(batch, generator=generator) < prompt_dropout).to(tokens.device)[:, None] & ~response
         noisy, clean = noisy.masked_fill(dropped, mask_id), tokens.masked_fill(dropped, mask_id)
-    weighted = block_diffusion_ce(model, tokens, noisy, masked, mask_prob, block_size, clean)
+    weighted = block_diffusion_ce(model, tokens, noisy, masked, mask_prob, block_size, clean, weighting)
     rows = masked.nonzero()[:, 0]
     per_row = torch.zeros(batch, device=tokens.device).index_add_(0, rows, weighted)
     return (per_row / (length - prompt_lengths).clamp_min(1)).mean()

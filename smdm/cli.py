@@ -102,7 +102,7 @@ def _add_train_args(parser: argparse.ArgumentParser, sft: bool = False) -> None:
     parser.add_argument("--threads", type=positive_int, default=unset, help="torch CPU threads")
     parser.add_argument("--low-discrepancy", action="store_true", default=unset, help="MDM: stratified t per batch")
     parser.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=unset,
-                        help="MDM training loss: 1/t-weighted ELBO, or Sahoo et al.'s unweighted CE (validation: ELBO)")
+                        help="mdm, bdm training loss: 1/t-weighted ELBO, or Sahoo et al.'s unweighted CE (validation: ELBO)")
     parser.add_argument("--init", choices=INITS, default=unset,
                         help="initial weights: GPT-2 style, or SMDM's (std sqrt(2/5d), outputs 1/sqrt(d)/L)")
     parser.add_argument("--stop-after-steps", type=positive_int, default=unset,

@@ -124,7 +124,24 @@ class ClippedRates:
 
 
 @dataclass(frozen=True)
-class MaskedDiffusion(ClippedRates, Objective):
+class LossWeighting:
+    """The diffusion families' training-loss weighting: "elbo" (each masked token's CE over its masking rate, the
+    bound itself) or "ce" (the unweighted masked CE of Sahoo et al. 2026); validation is the ELBO either way."""
+
+    loss_weighting: str = "elbo"
+
+    def check_weighting(self) -> None:
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise SmdmError(f"unknown loss weighting {self.loss_weighting!r}; use one of {', '.join(LOSS_WEIGHTINGS)}")
+
+    def weighting_options(self) -> dict[str, str]:
+        # Only a non-default weighting is recorded, so checkpoints of the default recipe are unchanged and a resume
+        # cannot silently switch the training loss.
+        return {} if self.loss_weighting == "elbo" else {"loss_weighting": self.loss_weighting}
+
+
+@dataclass(frozen=True)
+class MaskedDiffusion(ClippedRates, LossWeighting, Objective):
     """The MDM's ELBO (Nie et al. 2025, Eq. 3); `low_discrepancy` stratifies t across a batch, `prompt_dropout`
     hides whole prompts in SFT (standard CFG training), `loss_weighting` "ce" trains on the unweighted masked
     cross-entropy (Sahoo et al. 2026), `mask_rate_min`/`mask_rate_max` clip the training masking rates; validation
@@ -134,11 +151,9 @@ class MaskedDiffusion(ClippedRates, Objective):
     causal: ClassVar[bool] = False
     low_discrepancy: bool = False
     prompt_dropout: float = 0.0
-    loss_weighting: str = "elbo"
 
     def __post_init__(self) -> None:
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise SmdmError(f"unknown loss weighting {self.loss_weighting!r}; use one of {', '.join(LOSS_WEIGHTINGS)}")
+        self.check_weighting()
         self.rate_range()
 
     def loss(self, model: torch.nn.Module, tokens: torch.Tensor, generator: torch.Generator,
@@ -153,10 +168,7 @@ class MaskedDiffusion(ClippedRates, Objective):
                                  rate_range=self.rate_range())
 
     def options(self) -> dict[str, Any]:
-        # Only non-default options are recorded, so checkpoints of the default recipe are unchanged and a resume
-        # cannot silently switch the training loss.
-        recorded: dict[str, Any] = {} if self.loss_weighting == "elbo" else {"loss_weighting": self.loss_weighting}
-        return recorded | self.rate_options()
+        return self.weighting_options() | self.rate_options()
 
     def validation_draws(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor | None,
                          draws: int, seed: int) -> Iterator[torch.Tensor]:
@@ -170,12 +182,12 @@ class MaskedDiffusion(ClippedRates, Objective):
 
 
 @dataclass(frozen=True)
-class BlockDiffusion(ClippedRates, Objective):
+class BlockDiffusion(ClippedRates, LossWeighting, Objective):
     """Block diffusion (BD3-LM, Arriola et al. 2025): masked diffusion inside blocks of `diffusion_block_size`
     tokens, conditioned on the clean previous blocks; one vectorised pass over 2L tokens (smdm.block_diffusion).
 
-    `mask_rate_min`/`mask_rate_max` clip each block's masking rate to BD3-LM's lower-variance range for training;
-    validation always uses the unclipped ELBO.
+    `mask_rate_min`/`mask_rate_max` clip each block's masking rate to BD3-LM's lower-variance range for training,
+    and `loss_weighting` "ce" drops the 1/t weight as for the MDM; validation always uses the unclipped ELBO.
     """
 
     name: ClassVar[str] = "bdm"
@@ -189,6 +201,7 @@ class BlockDiffusion(ClippedRates, Objective):
     def __post_init__(self) -> None:
         if self.diffusion_block_size is None or self.diffusion_block_size < 1:
             raise SmdmError("the bdm objective needs --diffusion-block-size B (a positive divisor of the context)")
+        self.check_weighting()
         self.rate_range()
 
     def _time_range(self) -> tuple[float, float]:
@@ -205,13 +218,14 @@ class BlockDiffusion(ClippedRates, Objective):
              mask_id: int) -> torch.Tensor:
         low, high = self._time_range()
         return bdm_step_loss(model, tokens, self.diffusion_block_size, generator, low, high, self.low_discrepancy,
-                             mask_id=mask_id)
+                             mask_id=mask_id, weighting=self.loss_weighting)
 
     def sft_loss(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor,
                  generator: torch.Generator, mask_id: int) -> torch.Tensor:
         low, high = self._time_range()
         return bdm_sft_step_loss(model, tokens, prompt_lengths, self.diffusion_block_size, generator,
-                                 self.prompt_dropout, low, high, self.low_discrepancy, mask_id=mask_id)
+                                 self.prompt_dropout, low, high, self.low_discrepancy, mask_id=mask_id,
+                                 weighting=self.loss_weighting)
 
     def validation_draws(self, model: torch.nn.Module, tokens: torch.Tensor, prompt_lengths: torch.Tensor | None,
                          draws: int, seed: int) -> Iterator[torch.Tensor]:
@@ -225,7 +239,7 @@ class BlockDiffusion(ClippedRates, Objective):
                                         low_discrepancy=True)
 
     def options(self) -> dict[str, Any]:
-        return {"diffusion_block_size": self.diffusion_block_size} | self.rate_options()
+        return {"diffusion_block_size": self.diffusion_block_size} | self.weighting_options() | self.rate_options()
 
 
 OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (MaskedDiffusion, Autoregressive, BlockDiffusion)}

@@ -87,7 +87,7 @@ class TrainConfig:
     stop_after_steps: int | None = None  # end this job early (with a checkpoint); resume later: time-sliced jobs
     random_length_prob: float = 0.01  # fraction of batches cut to a random length
     low_discrepancy: bool = False  # stratified t across a batch for the MDM training loss
-    loss_weighting: str = "elbo"  # MDM training loss: "elbo" (1/t-weighted) or "ce" (Sahoo et al. 2026); val: ELBO
+    loss_weighting: str = "elbo"  # MDM/BDM training loss: "elbo" (1/t-weighted) or "ce" (Sahoo et al. 2026); val: ELBO
     init: str = "gpt2"  # initial weights: "gpt2" (N(0, 0.02), scaled residual outputs) or "smdm" (SMDM's own)
     max_unique_tokens: int | None = None  # train on the first U tokens of the split only, repeated (data-constrained)
     prompt_dropout: float = 0.0  # SFT, MDM: hide each example's whole prompt with this probability (standard CFG)

@@ -6,11 +6,16 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
+from smdm.block_diffusion import bdm_sft_step_loss, bdm_step_loss, sample_block_times
 from smdm.checkpoint import load_checkpoint
+from smdm.config import ModelConfig
+from smdm.errors import SmdmError
 from smdm.likelihood import score, sequence_nll
+from smdm.model import Transformer
 from smdm.objectives import BlockDiffusion, make_objective
 from smdm.sample import generate
 
@@ -149,3 +154,27 @@ def test_task_reversal_trains_and_evaluates_a_block_diffusion_model(tmp_path, ca
     assert record["metrics"]["d2p"]["rank_n"] == 2 and record["metrics"]["p2d"]["n"] == 3
     meta = json.loads((out / "run" / "checkpoint" / "config.json").read_text())
     assert meta["objective_options"] == {"diffusion_block_size": 4}
+
+
+def test_bdm_ce_weighting_drops_the_one_over_t_of_each_block_and_is_recorded():
+    """With one block per row the block ELBO is the plain masked CE over the row's rate t, draw for draw; the
+    option is recorded (a resume cannot switch it) and validation stays the same ELBO."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny-test", vocab_size=64)).eval()
+    tokens = torch.randint(0, 63, (1, 16), generator=torch.Generator().manual_seed(1))
+    t = sample_block_times(1, 1, torch.Generator().manual_seed(5)).item()  # the first draw of both losses
+    with torch.no_grad():
+        for loss in (lambda w: bdm_step_loss(model, tokens, 16, torch.Generator().manual_seed(5), weighting=w),
+                     lambda w: bdm_sft_step_loss(model, tokens, torch.tensor([4]), 16,
+                                                 torch.Generator().manual_seed(5), weighting=w)):
+            elbo, ce = loss("elbo").item(), loss("ce").item()
+            assert ce > 0 and ce == pytest.approx(elbo * t, rel=1e-5)
+    plain = make_objective("bdm", diffusion_block_size=4)
+    simple = make_objective("bdm", diffusion_block_size=4, loss_weighting="ce")
+    assert plain.options() == {"diffusion_block_size": 4}  # the default recipe's checkpoints are unchanged
+    assert simple.options() == {"diffusion_block_size": 4, "loss_weighting": "ce"}
+    a = list(plain.validation_draws(model, tokens, None, 2, 7))
+    b = list(simple.validation_draws(model, tokens, None, 2, 7))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    with pytest.raises(SmdmError, match="unknown loss weighting"):
+        make_objective("bdm", diffusion_block_size=4, loss_weighting="sqrt")

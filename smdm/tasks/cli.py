@@ -32,7 +32,7 @@ def _add_task_model_args(p: argparse.ArgumentParser, epochs: float, lr: float) -
     p.add_argument("--lr", type=positive_float, default=lr)
     p.add_argument("--low-discrepancy", action="store_true", help="MDM training: stratified t per batch")
     p.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default="elbo",
-                   help="MDM training loss: the 1/t-weighted ELBO (default) or the simple CE of Sahoo et al. 2026")
+                   help="mdm, bdm training loss: the 1/t-weighted ELBO (default) or the simple CE of Sahoo et al. 2026")
     p.add_argument("--save-every", type=positive_int, default=500)
     p.add_argument("--vocab-size", type=positive_int, default=1024, help="BPE size when training from scratch")
     p.add_argument("--padding", choices=PADDINGS, default="longest")
