@@ -154,8 +154,8 @@ def uniform_draws(shape: torch.Size, generator: torch.Generator | None, device: 
     """U(0, 1) draws made on the generator's device, then moved to `device`.
 
     With the default CPU generator a seed gives the same draws on every device. A generator on the model's GPU skips
-    making (B x n x V) float64 numbers on the CPU and copying them at every step, which dominated low-confidence
-    sampling of a whole canvas on an H200 (docs/gpu.md).
+    making (B x n x V) float64 numbers on the CPU and copying them at every step: the likely reason why whole-canvas
+    low-confidence sampling ran 3x slower than random remasking on an H200 (docs/gpu.md; not yet re-measured).
     """
     made_on = generator.device if generator is not None else torch.device("cpu")
     return torch.rand(shape, generator=generator, dtype=dtype, device=made_on).to(device)
