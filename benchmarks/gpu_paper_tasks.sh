@@ -3,9 +3,9 @@
 # GPU session (~10 min on an H100/H200 after the first call's start-up). Each part writes JSON next to its log.
 #
 #   A. benchmarks/sampling.py with a model pair large enough to be confident: tiny-12m, 256-token sequences,
-#      batch 64, TRAIN_STEPS steps on the embedded corpus (the demo's data, tokenizer and MDM recipe: simple CE,
-#      masking rates in [0.3, 0.8]), timed on the GPU; with BDMs of the block sizes in BDM_SIZES (default 4 16)
-#      at equal training compute (issue 16's speed / quality frontier).
+#      batch 64, TRAIN_STEPS steps on the embedded corpus (the demo's data, tokenizer and diffusion recipe: simple
+#      CE, masking rates in [0.3, 0.8]), timed on the GPU; with BDMs of the block sizes in BDM_SIZES (default 4 16)
+#      at equal training compute, by the same recipe (issue 16's speed / quality frontier).
 #   B. smdm task reversal, MDM and ARM fine-tuned the same way (REV_EPOCHS epochs) from part A's pre-trained pair
 #      when it is there (the paper's shape: pre-train, then learn the facts), else REV_MODEL from scratch;
 #      evaluated on the four test files with likelihood ranking. On 2 CPU cores, tiny-1m from scratch ranks the
@@ -44,7 +44,7 @@ fi
 if [[ "$PARTS" == *A* ]]; then
     "$PYTHON" benchmarks/sampling.py --work-dir "$WORK/sampling" --model "$MODEL" --batch-size "$BATCH" \
         --train-steps "$TRAIN_STEPS" --seq-len "$SEQ" --device "$DEVICE" --samples "$SAMPLES" --length "$LENGTH" \
-        --block-length "$BLOCK" --repeats "${REPEATS:-2}" --json "$WORK/sampling.json" --mdm-recipe demo \
+        --block-length "$BLOCK" --repeats "${REPEATS:-2}" --json "$WORK/sampling.json" --recipe demo \
         --rng-device "${RNG_DEVICE:-cpu}" \
         --bdm-block-sizes $BDM_SIZES $THREADS 2>&1 | tee "$WORK/sampling.log"
 fi

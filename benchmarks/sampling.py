@@ -59,24 +59,30 @@ def prepare_data(work: Path) -> Path:
     return tokens
 
 
+def diffusion_recipe(name: str) -> dict:
+    """The diffusion families' training options: "plain" (the 1/t ELBO, t in (0, 1]: the recorded CPU rows) or "demo"
+    (simple CE, masking rates clipped to [0.3, 0.8], the winners of issue 15's recipe study). A recipe's runs get
+    their own directories, so a reused plain run is never mistaken for a demo-recipe one."""
+    return dict(RECIPE) if name == "demo" else {}
+
+
 def train_pair(data: Path, work: Path, threads: int | None, max_steps: int, model: str = "tiny-1m",
                batch_size: int = 16, lr: float = 3e-3, seq_len: int = 256,
-               mdm_recipe: str = "plain") -> tuple[Path, Path]:
+               recipe: str = "plain") -> tuple[Path, Path]:
     """An MDM and an ARM of the same size trained identically on the same data (resumed/reused when done).
 
-    mdm_recipe "demo" trains the MDM by the demo's recipe (simple CE, masking rates clipped to [0.3, 0.8]: the
-    winners of issue 15's recipe study) in its own run directory, so a reused plain run is never mistaken for it."""
+    recipe "demo" trains the MDM by the demo's recipe (`diffusion_recipe`) in its own run directory."""
     runs = {}
     for objective in ("mdm", "arm"):
-        recipe = RECIPE if objective == "mdm" and mdm_recipe == "demo" else {}
-        out = work / (f"{objective}-demo-recipe" if recipe else objective)
+        options = diffusion_recipe(recipe) if objective == "mdm" else {}
+        out = work / (f"{objective}-demo-recipe" if options else objective)
         summary = out / "summary.json"
         if not summary.exists():
             print(f"training the {objective.upper()} -> {out}", flush=True)
             train(TrainConfig(
                 data_dir=str(data), out_dir=str(out), model=model, objective=objective, seq_len=seq_len,
                 batch_size=batch_size, max_steps=max_steps, lr=lr, low_discrepancy=objective == "mdm", eval_every=150,
-                save_every=150, eval_blocks=64, threads=threads, resume=True, progress=False, **recipe,
+                save_every=150, eval_blocks=64, threads=threads, resume=True, progress=False, **options,
             ))
         runs[objective] = out
     return runs["mdm"], runs["arm"]
@@ -130,7 +136,9 @@ def train_bdms(data: Path, work: Path, args: argparse.Namespace, arm_dir: Path) 
     with --bdm-from-arm, adapted from the pair's ARM instead (Fast-dLLM v2's route: token shift, --bdm-lr)."""
     runs = {}
     for size in args.bdm_block_sizes:
+        recipe = diffusion_recipe(args.recipe)
         out = work / (f"bdm{size}-from-arm" if args.bdm_from_arm else f"bdm{size}")
+        out = out.with_name(out.name + "-demo-recipe") if recipe else out
         if not (out / "summary.json").exists():
             print(f"training the BDM B={size} -> {out}", flush=True)
             adapt = {"init_from": str(arm_dir), "lr": args.bdm_lr or args.lr} if args.bdm_from_arm else {
@@ -139,7 +147,7 @@ def train_bdms(data: Path, work: Path, args: argparse.Namespace, arm_dir: Path) 
                 data_dir=str(data), out_dir=str(out), objective="bdm", diffusion_block_size=size,
                 seq_len=args.seq_len, batch_size=args.batch_size, low_discrepancy=True,
                 max_steps=args.bdm_steps or max(1, args.train_steps // 2), eval_every=150, save_every=150,
-                eval_blocks=64, threads=args.threads, resume=True, progress=False, **adapt,
+                eval_blocks=64, threads=args.threads, resume=True, progress=False, **adapt, **recipe,
             ))
         runs[size] = out
     return runs
@@ -305,9 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="tiny-1m", help="config of both models (the demo recipe: tiny-1m)")
     parser.add_argument("--batch-size", type=int, default=16, help="training sequences (of --seq-len tokens) per step")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--mdm-recipe", choices=["plain", "demo"], default="plain",
-                        help="plain: the recorded CPU rows' MDM (1/t ELBO, t in (0, 1]); demo: `make demo`'s recipe "
-                             "(simple CE, masking rates clipped to [0.3, 0.8])")
+    parser.add_argument("--recipe", choices=["plain", "demo"], default="plain",
+                        help="the MDM's and the BDMs' training: plain (1/t ELBO, t in (0, 1]: the recorded CPU rows) "
+                             "or demo (`make demo`'s simple CE, masking rates clipped to [0.3, 0.8])")
     parser.add_argument("--seq-len", type=int, default=256, help="training sequence length (>= --length)")
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=0,
@@ -340,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = prepare_data(work)
     mdm_dir, arm_dir = train_pair(data, work, args.threads, args.train_steps, args.model, args.batch_size,
-                                args.lr, args.seq_len, args.mdm_recipe)
+                                args.lr, args.seq_len, args.recipe)
     bdm_dirs = train_bdms(data, work, args, arm_dir)
     if args.train_only:
         return
