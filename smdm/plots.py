@@ -52,17 +52,20 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
 
 
 def _flops_per_token(run_dir: Path) -> float:
-    """Training FLOPs per token of a run, from its checkpoint's model config and its run config."""
+    """Training FLOPs per token of a run, from its checkpoint's model config and its run config, times its family's
+    compute factor (a BDM token costs two passes), as the run's own summary counts them."""
     from smdm.checkpoint import read_checkpoint_meta
     from smdm.config import ModelConfig
     from smdm.flops import flops_per_token
+    from smdm.objectives import OBJECTIVES
 
     try:
         model = ModelConfig.from_dict(read_checkpoint_meta(run_dir / "checkpoint")["model"])
         run = json.loads((run_dir / "train_config.json").read_text())
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
         raise SmdmError(f"{run_dir}: cannot count FLOPs without checkpoint/ and train_config.json ({error})") from None
-    return flops_per_token(model, run.get("seq_len") or model.block_size, run.get("flops_count", "attention"))
+    factor = OBJECTIVES[run["objective"]].compute_factor if run.get("objective") in OBJECTIVES else 1.0
+    return factor * flops_per_token(model, run.get("seq_len") or model.block_size, run.get("flops_count", "attention"))
 
 
 def _label(run_dir: Path) -> str:
@@ -73,19 +76,22 @@ def _label(run_dir: Path) -> str:
     return f"{objective.upper()} {run_dir.name}".strip()
 
 
+def run_curves(run: Path, x: str) -> tuple[str, list[float], list[float], list[float], list[float]]:
+    """A run's label, training (x, loss) and validation (x, loss) points, x in steps, tokens or training FLOPs."""
+    train_rows, val_rows = read_metrics(run)
+    if not train_rows and not val_rows:
+        raise SmdmError(f"{run}: metrics.jsonl has no rows yet")
+    scale = _flops_per_token(run) if x == "flops" else 1.0
+    key = "step" if x == "steps" else "tokens"
+    return (_label(run), [r[key] * scale for r in train_rows], [r["loss"] for r in train_rows],
+            [r[key] * scale for r in val_rows], [r["val_loss"] for r in val_rows])
+
+
 def plot_runs(runs: list[str | Path], out: str | Path, x: str = "steps") -> Path:
     """Draw every run's training loss (thin) and validation loss (markers) against `x` into one PNG at `out`."""
     if x not in ("steps", "tokens", "flops"):
         raise SmdmError(f"unknown axis {x!r}; use steps, tokens or flops")
-    curves = []
-    for run in map(Path, runs):
-        train_rows, val_rows = read_metrics(run)
-        if not train_rows and not val_rows:
-            raise SmdmError(f"{run}: metrics.jsonl has no rows yet")
-        scale = _flops_per_token(run) if x == "flops" else 1.0
-        key = "step" if x == "steps" else "tokens"
-        curves.append((_label(run), [r[key] * scale for r in train_rows], [r["loss"] for r in train_rows],
-                       [r[key] * scale for r in val_rows], [r["val_loss"] for r in val_rows]))
+    curves = [run_curves(Path(run), x) for run in runs]
     plt = pyplot()
     if plt is None:
         raise SmdmError("smdm plot needs matplotlib: pip install 'smdm[plot]'")
@@ -96,7 +102,7 @@ def plot_runs(runs: list[str | Path], out: str | Path, x: str = "steps") -> Path
         if vx:
             axes.plot(vx, vy, color=color, marker="o", linewidth=2, label=f"{label} validation")
     axes.set_xlabel({"steps": "optimizer steps", "tokens": "training tokens", "flops": "training FLOPs"}[x])
-    axes.set_ylabel("loss (nats/token; MDM: ELBO bound)")
+    axes.set_ylabel("loss (nats/token; MDM, BDM: ELBO bound)")
     if x == "flops":
         axes.set_xscale("log")
     axes.grid(alpha=0.3)

@@ -241,6 +241,19 @@ def test_plot_draws_both_families(two_runs, tmp_path, capsys, axis):
     assert_one_line_error(code, err, "no metrics.jsonl")
 
 
+def test_plot_counts_each_family_s_training_flops_as_its_summary_does(two_runs, toy_data, tmp_path):
+    """On the FLOPs axis a run ends where its summary's FLOPs say: a BDM token costs two passes."""
+    from smdm.plots import run_curves
+    from smdm.train import train
+
+    train(TrainConfig(data_dir=str(toy_data), out_dir=str(tmp_path / "bdm"), model="tiny-test", objective="bdm",
+                      diffusion_block_size=8, max_steps=3, seq_len=32, batch_size=4, eval_every=3, log_every=1,
+                      progress=False, eval_blocks=4))
+    for run in (two_runs / "mdm", two_runs / "arm", tmp_path / "bdm"):
+        summary = json.loads((run / "summary.json").read_text())
+        assert run_curves(run, "flops")[3][-1] == pytest.approx(summary["flops"], rel=1e-9), run.name
+
+
 def test_tensorboard_logs_the_same_numbers_as_metrics(toy_data, tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
