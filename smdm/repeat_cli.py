@@ -5,9 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smdm.cli_types import add_study_parsers
+
+if TYPE_CHECKING:
+    from smdm.repeat import RepeatSpec
+    from smdm.scaling import PlannedRun
+
+
+def _joining_runs(runs: list[PlannedRun], spec: RepeatSpec, others: list[PlannedRun]) -> list[PlannedRun]:
+    """The runs of another study that join a fit: a run already there (the same directory) counts once, and a
+    different run under a taken name (the same grid point of another recipe, say) is named after its study."""
+    dirs, names = {r.out_dir for r in runs}, {r.name for r in runs}
+    return [r if r.name not in names else replace(r, name=f"{r.name}@{spec.name}")
+            for r in others if r.out_dir not in dirs]
 
 
 def cmd_repeat(args: argparse.Namespace) -> None:
@@ -25,9 +39,8 @@ def cmd_repeat(args: argparse.Namespace) -> None:
         return
     spec, runs = repeat.read_repeat_manifest(args.manifest)
     runs = sweep.select_runs(runs, getattr(args, "only", None), args.manifest)
-    for other in getattr(args, "also", None) or []:  # fit: further studies' runs join (another U, another size)
-        known = {r.name for r in runs}
-        runs += [r for r in repeat.read_repeat_manifest(other)[1] if r.name not in known]
+    for other in getattr(args, "also", None) or []:  # fit: further studies' runs join (another U, size or recipe)
+        runs += _joining_runs(runs, *repeat.read_repeat_manifest(other))
     if args.repeat_command == "run":
         report = sweep.run_sweep(runs, args.data or spec.data_dir, jobs=args.jobs, threads=args.threads,
                                  stop_after_steps=args.stop_after_steps, progress=not args.no_progress)
@@ -55,5 +68,5 @@ def add_repeat_parser(scale: argparse._SubParsersAction) -> None:
                             "frontiers, crossovers vs the closed form, data-reuse half-lives, plots",
                             "repeat.json, loss_vs_compute.png, reuse.png")
     fit.add_argument("--also", nargs="+", metavar="MANIFEST",
-                     help="further repeat manifests whose runs join the fit (a run named twice counts once)")
+                     help="further repeat manifests whose runs join the fit (a run in two manifests counts once)")
     p.set_defaults(func=cmd_repeat)

@@ -151,6 +151,17 @@ def test_tiny_study_end_to_end(toy_data, tmp_path, capsys):
     assert code == 0, err
     report = json.loads((tmp_path / "fit2" / "repeat.json").read_text())
     assert len(report["points"]) == 6 and [u["unique_tokens"] for u in report["per_unique"]] == [200, 330]
+    # the same grid point of another recipe (its own directory) joins under its study's name, not dropped
+    variant_spec, variant = tmp_path / "variant.json", tmp_path / "variant-manifest.json"
+    variant_spec.write_text(json.dumps(vars(_spec(tmp_path, toy_data, name="clip", out_dir=str(tmp_path / "runs-clip"),
+                                                  unique_tokens=[200], epochs=[1]))))
+    assert run_cli(capsys, "scale", "repeat", "plan", str(variant_spec), "--out", str(variant))[0] == 0
+    assert run_cli(capsys, "scale", "repeat", "run", str(variant), "--threads", "1", "--no-progress")[0] == 0
+    code, out, err = run_cli(capsys, "scale", "repeat", "fit", str(manifest), "--also", str(other), str(variant),
+                             "--out", str(tmp_path / "fit3"))
+    assert code == 0, err
+    names = [p["name"] for p in json.loads((tmp_path / "fit3" / "repeat.json").read_text())["points"]]
+    assert len(names) == 8 and sum(name.endswith("@clip") for name in names) == 2
 
 
 def test_spec_errors_are_one_line(tmp_path, capsys):
