@@ -278,7 +278,7 @@ def evaluate_with_error(model: Transformer, blocks: torch.Tensor, objective: Obj
     batch (the blocks are fixed), 0 for an exact loss (the ARM's) or a single draw.
 
     Why: a diffusion model's ELBO is an estimate; with the studies' 4 draws over 128 blocks one estimate moves by
-    about 0.05 nats/token with the draws (measured in docs/data-constrained.md), as much as the gaps it is read for.
+    about 0.04 nats/token with the draws (measured in docs/data-constrained.md), as much as the gaps it is read for.
     """
     objective = make_objective(objective) if isinstance(objective, str) else objective
     device = torch.device(device)
