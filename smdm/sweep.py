@@ -126,7 +126,8 @@ def run_sweep(runs: list[PlannedRun], data_dir: str, jobs: int = 1, threads: int
 
     Each training process holds its run's lock itself, so the lock lives exactly as long as the training does, even
     if this runner is killed. A run locked when it is reached, or whose trainer lost the race for the lock to another
-    process, is reported busy. Output goes to RUN_DIR/train.log. A failed run is reported, not fatal to the others.
+    process, is reported busy; one found finished when reached (by a runner beside this one) is skipped. Output
+    goes to RUN_DIR/train.log. A failed run is reported, not fatal to the others.
     """
     if jobs < 1:
         raise SmdmError("--jobs must be at least 1")
@@ -150,6 +151,10 @@ def run_sweep(runs: list[PlannedRun], data_dir: str, jobs: int = 1, threads: int
         while pending or active:
             while pending and len(active) < jobs:
                 run = pending.pop(0)
+                if run_status(run).state == "done":  # finished meanwhile, by a runner beside this one
+                    report.skipped.append(run.name)
+                    bar.update(run.flops)
+                    continue
                 if _busy(run):
                     report.busy.append(run.name)
                     bar.update(run.flops)

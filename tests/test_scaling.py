@@ -31,7 +31,7 @@ from smdm.scaling import (
     read_manifest,
     write_manifest,
 )
-from smdm.sweep import LOCK_FILE, collect_results, launch_commands, run_status, run_sweep, slurm_script
+from smdm.sweep import LOCK_FILE, RunStatus, collect_results, launch_commands, run_status, run_sweep, slurm_script
 
 # ------------------------------------------------------------------------------------------------ FLOPs arithmetic
 
@@ -297,7 +297,7 @@ def _wait_for_unlocked(runs) -> None:
                     time.sleep(0.1)
 
 
-def test_two_run_sweep_stops_resumes_and_skips_finished(toy_data, tmp_path, reference):
+def test_two_run_sweep_stops_resumes_and_skips_finished(toy_data, tmp_path, reference, monkeypatch):
 
     _, runs = read_manifest(_toy_manifest(toy_data, tmp_path / "sliced"))
     run_sweep(runs, str(toy_data), jobs=2, threads=1, stop_after_steps=10, progress=False)
@@ -311,6 +311,24 @@ def test_two_run_sweep_stops_resumes_and_skips_finished(toy_data, tmp_path, refe
     report = run_sweep(runs, str(toy_data), jobs=2, threads=1, progress=False)
     assert sorted(report.skipped) == sorted(reference) and not report.trained
     assert {r.name: (Path(r.out_dir) / "summary.json").stat().st_mtime_ns for r in runs} == summaries
+
+    # A runner beside this one finished the runs after this one had planned them: they are skipped when reached,
+    # not restarted (the first look at each run, the planning one, is made to see it unfinished).
+    import smdm.sweep
+
+    logs = {r.name: (Path(r.out_dir) / "train.log").read_text() for r in runs}
+    looked: set[str] = set()
+
+    def stale_at_planning(run):
+        if run.name not in looked:
+            looked.add(run.name)
+            return RunStatus("partial", step=10)
+        return run_status(run)
+
+    monkeypatch.setattr(smdm.sweep, "run_status", stale_at_planning)
+    report = run_sweep(runs, str(toy_data), jobs=1, threads=1, progress=False)
+    assert sorted(report.skipped) == sorted(reference) and not report.trained and not report.failed
+    assert {r.name: (Path(r.out_dir) / "train.log").read_text() for r in runs} == logs  # nothing was launched
 
 
 def test_killed_sweep_resumes(toy_data, tmp_path, reference):
