@@ -11,11 +11,7 @@ SPEC=${SPEC:-configs/repeat-cpu.json}
 WORK=${WORK:-runs/repeat}
 NAME=$(basename "$SPEC" .json)
 mkdir -p "$WORK"
-if [ ! -f "$WORK/tokens/manifest.json" ]; then
-  CORPUS=$($PY -c "from pathlib import Path; from smdm.corpus import default_corpus; print(default_corpus(Path('runs/cache')))")
-  $SMDM tokenizer train --input "$CORPUS" --vocab-size 384 --out "$WORK/tokenizer.json"
-  $SMDM prepare --input "$CORPUS" --tokenizer "$WORK/tokenizer.json" --out "$WORK/tokens" --val-fraction 0.02
-fi
+source benchmarks/demo_tokens.sh  # the demo's data in $WORK, made once
 [ -f "$WORK/$NAME-manifest.json" ] || $SMDM scale repeat plan "$SPEC" --out "$WORK/$NAME-manifest.json"
 $SMDM scale repeat run "$WORK/$NAME-manifest.json" --jobs "${JOBS:-2}" --threads 1
 $SMDM scale repeat fit "$WORK/$NAME-manifest.json" --out "$WORK/$NAME-fit"
