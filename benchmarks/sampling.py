@@ -61,9 +61,13 @@ def prepare_data(work: Path) -> Path:
 
 def diffusion_recipe(name: str) -> dict:
     """The diffusion families' training options: "plain" (the 1/t ELBO, t in (0, 1]: the recorded CPU rows) or "demo"
-    (simple CE, masking rates clipped to [0.3, 0.8], the winners of issue 15's recipe study). A recipe's runs get
-    their own directories, so a reused plain run is never mistaken for a demo-recipe one."""
+    (simple CE, masking rates clipped to [0.3, 0.8], the winners of issue 15's recipe study)."""
     return dict(RECIPE) if name == "demo" else {}
+
+
+def run_dir(work: Path, name: str, options: dict) -> Path:
+    """A run's directory: a demo-recipe run gets its own, so a reused plain run is never mistaken for it."""
+    return work / (f"{name}-demo-recipe" if options else name)
 
 
 def train_pair(data: Path, work: Path, threads: int | None, max_steps: int, model: str = "tiny-1m",
@@ -71,11 +75,11 @@ def train_pair(data: Path, work: Path, threads: int | None, max_steps: int, mode
                recipe: str = "plain") -> tuple[Path, Path]:
     """An MDM and an ARM of the same size trained identically on the same data (resumed/reused when done).
 
-    recipe "demo" trains the MDM by the demo's recipe (`diffusion_recipe`) in its own run directory."""
+    recipe "demo" trains the MDM by the demo's recipe (`diffusion_recipe`) in its own run directory (`run_dir`)."""
     runs = {}
     for objective in ("mdm", "arm"):
         options = diffusion_recipe(recipe) if objective == "mdm" else {}
-        out = work / (f"{objective}-demo-recipe" if options else objective)
+        out = run_dir(work, objective, options)
         summary = out / "summary.json"
         if not summary.exists():
             print(f"training the {objective.upper()} -> {out}", flush=True)
@@ -135,10 +139,9 @@ def train_bdms(data: Path, work: Path, args: argparse.Namespace, arm_dir: Path) 
     """One block-diffusion model per block size, by the pair's recipe at equal training FLOPs (reused when done);
     with --bdm-from-arm, adapted from the pair's ARM instead (Fast-dLLM v2's route: token shift, --bdm-lr)."""
     runs = {}
+    recipe = diffusion_recipe(args.recipe)
     for size in args.bdm_block_sizes:
-        recipe = diffusion_recipe(args.recipe)
-        out = work / (f"bdm{size}-from-arm" if args.bdm_from_arm else f"bdm{size}")
-        out = out.with_name(out.name + "-demo-recipe") if recipe else out
+        out = run_dir(work, f"bdm{size}-from-arm" if args.bdm_from_arm else f"bdm{size}", recipe)
         if not (out / "summary.json").exists():
             print(f"training the BDM B={size} -> {out}", flush=True)
             adapt = {"init_from": str(arm_dir), "lr": args.bdm_lr or args.lr} if args.bdm_from_arm else {

@@ -56,16 +56,17 @@ def _flops_per_token(run_dir: Path) -> float:
     compute factor (a BDM token costs two passes), as the run's own summary counts them."""
     from smdm.checkpoint import read_checkpoint_meta
     from smdm.config import ModelConfig
-    from smdm.flops import flops_per_token
-    from smdm.objectives import OBJECTIVES
+    from smdm.objectives import make_objective
+    from smdm.train import budget_flops_per_token
 
     try:
         model = ModelConfig.from_dict(read_checkpoint_meta(run_dir / "checkpoint")["model"])
         run = json.loads((run_dir / "train_config.json").read_text())
+        objective = make_objective(run["objective"], diffusion_block_size=run.get("diffusion_block_size"))
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
         raise SmdmError(f"{run_dir}: cannot count FLOPs without checkpoint/ and train_config.json ({error})") from None
-    factor = OBJECTIVES[run["objective"]].compute_factor if run.get("objective") in OBJECTIVES else 1.0
-    return factor * flops_per_token(model, run.get("seq_len") or model.block_size, run.get("flops_count", "attention"))
+    return budget_flops_per_token(objective, model, run.get("seq_len") or model.block_size,
+                                  run.get("flops_count", "attention"))
 
 
 def _label(run_dir: Path) -> str:
