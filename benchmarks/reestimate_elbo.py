@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from smdm.checkpoint import load_checkpoint
 from smdm.data.packed import PackedDataset
+from smdm.errors import SmdmError
 from smdm.train import evaluate
 
 
@@ -43,8 +44,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sets < 1:
+        parser.error("--sets must be at least 1")
     for run in map(Path, args.runs):
-        values = reestimate(run, args.sets, args.seed)
+        try:
+            values = reestimate(run, args.sets, args.seed)
+        except (OSError, KeyError, json.JSONDecodeError, SmdmError) as error:
+            sys.exit(f"reestimate_elbo: {run}: not a finished run ({error})")
         mean = statistics.mean(values)
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"{run.name}: {mean:.3f} ± {spread / len(values) ** 0.5:.3f} ({len(values)} sets; SD of one "
