@@ -371,7 +371,8 @@ def starting_point(config: TrainConfig, objective: Objective,
                    vocab_size: int) -> tuple[Checkpoint | None, ModelConfig, bool]:
     """The weights to start from (--init-from, unless resuming), the model config of the run, and whether the run
     adapts an ARM: an ARM starting an mdm or bdm run is adapted (smdm.adapt): same weights, bidirectional (a BDM:
-    inside each block), shifted unless told otherwise.
+    inside each block), shifted unless told otherwise. An MDM may start a bdm run as it is: Arriola et al. (BD3-LM,
+    ICLR 2025) fine-tune an MDLM pre-train into block diffusion (850k + 150k steps in kuleshov-group/bd3lms).
     """
     if (config.init_from and config.resume and config.lora_rank is None
             and _has_checkpoint(Path(config.out_dir) / "checkpoint")):
@@ -388,12 +389,14 @@ def starting_point(config: TrainConfig, objective: Objective,
     family = init_meta.get("objective", objective.name)
     adapting = config.adapt_shift is not None or config.attention_anneal_steps > 0
     if adapting and family != "arm":
-        raise SmdmError(f"{config.init_from}: an {family} checkpoint is not an ARM; --adapt-shift / "
+        raise SmdmError(f"{config.init_from}: the checkpoint is an {family.upper()}, not an ARM; --adapt-shift / "
                         "--attention-anneal-steps adapt an ARM into an MDM or a BDM")
     if family == "arm" and objective.name in ("mdm", "bdm"):
         return initial, adapted_config(init_config, config.adapt_shift is not False), True
+    if family == "mdm" and objective.name == "bdm":  # BD3-LM's recipe: an MDLM pre-train fine-tuned into blocks
+        return initial, init_config, False
     if family != objective.name:
-        raise SmdmError(f"{config.init_from}: an {family} checkpoint cannot start an {objective.name} run; "
+        raise SmdmError(f"{config.init_from}: {family} checkpoints cannot start {objective.name} runs; "
                         f"pass --objective {family}")
     block = init_meta.get("objective_options", {}).get("diffusion_block_size")
     if block is not None and block != getattr(objective, "diffusion_block_size", None):

@@ -1,5 +1,5 @@
-"""ARM -> MDM adaptation (DiffuLLaMA / Dream) and ARM -> BDM (Fast-dLLM v2): shifted config, attention
-annealing, resume, meta, bad input."""
+"""ARM -> MDM adaptation (DiffuLLaMA / Dream), ARM -> BDM (Fast-dLLM v2) and MDM -> BDM (BD3-LM): shifted config,
+attention annealing, resume, meta, bad input."""
 
 from __future__ import annotations
 
@@ -166,6 +166,26 @@ def test_an_arm_adapts_into_a_shifted_bdm(toy_data, tmp_path, arm_checkpoint):
     train(tiny_run(toy_data, no_shift, objective="bdm", diffusion_block_size=4, init_from=str(arm_checkpoint),
                    max_steps=1, adapt_shift=False))
     assert not load_checkpoint(no_shift).config.shifted
+
+
+def test_an_mdm_starts_a_bdm_run_as_bd3lm_does(toy_data, tmp_path):
+    """BD3-LM's route (an MDLM pre-train fine-tuned into blocks): the MDM's weights and config, unshifted, not an
+    adaptation; the reverse (a BDM starting an MDM run) is still refused."""
+    train(tiny_run(toy_data, tmp_path / "mdm", max_steps=2))
+    train(tiny_run(toy_data, tmp_path / "bdm", objective="bdm", diffusion_block_size=4,
+                   init_from=str(tmp_path / "mdm"), max_steps=1, lr=1e-12, warmup_steps=0))
+    tuned = load_checkpoint(tmp_path / "bdm")
+    assert tuned.meta["objective"] == "bdm" and tuned.meta["objective_options"]["diffusion_block_size"] == 4
+    assert not tuned.config.shifted and "adapted_from" not in tuned.meta
+    assert tuned.config == load_checkpoint(tmp_path / "mdm").config
+    mdm = load_file(str(tmp_path / "mdm" / "checkpoint" / "model.safetensors"))
+    bdm = load_file(str(tmp_path / "bdm" / "checkpoint" / "model.safetensors"))
+    assert mdm.keys() == bdm.keys()
+    for name in mdm:
+        torch.testing.assert_close(mdm[name], bdm[name], atol=1e-6, rtol=0)
+    with pytest.raises(SmdmError, match="bdm checkpoints cannot start mdm runs"):
+        train(tiny_run(toy_data, tmp_path / "back", init_from=str(tmp_path / "bdm"), max_steps=1))
+    assert not (tmp_path / "back").exists()
 
 
 def test_cli_errors_are_one_line_and_write_nothing(capsys, toy_data, tmp_path, arm_checkpoint):
