@@ -17,7 +17,7 @@ mkdir -p "$WORK"
 # shellcheck source=benchmarks/demo_tokens.sh
 source "$(dirname "$0")/demo_tokens.sh"
 recipe=(--loss-weighting ce --mask-rate-min 0.3 --mask-rate-max 0.8)
-runs=("arm arm $STEPS" "mdm-recipe mdm $STEPS ${recipe[*]}")
+runs=("mdm-recipe mdm $STEPS ${recipe[*]}" "arm arm $STEPS")  # the MDM first: bdm_from_mdm.sh branches from it
 for size in $SIZES; do
   runs+=("bdm$size-plain bdm $((STEPS / 2)) --diffusion-block-size $size")
   runs+=("bdm$size-recipe bdm $((STEPS / 2)) --diffusion-block-size $size ${recipe[*]}")
