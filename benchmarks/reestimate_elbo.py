@@ -1,4 +1,4 @@
-"""Re-estimate diffusion runs' final validation ELBO with many independent sets of mask draws.
+"""Re-estimate diffusion runs' (MDM or BDM) final validation ELBO with many independent sets of mask draws.
 
 A study's validation number is one Monte-Carlo estimate: a fixed set of draws (seed 1234) over the run's validation
 blocks, whose spread (about 0.04 nats/token for 4 draws over 128 blocks) is as large as the gaps the crossover study
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from smdm.checkpoint import load_checkpoint
 from smdm.data.packed import PackedDataset
 from smdm.errors import SmdmError
+from smdm.objectives import make_objective
 from smdm.train import evaluate
 
 
@@ -32,7 +33,8 @@ def reestimate(run: Path, sets: int, first_seed: int) -> list[float]:
     checkpoint = load_checkpoint(run / "checkpoint")
     blocks = PackedDataset(config["data_dir"], "val", seq_len=config["seq_len"], shuffle=False).blocks(
         config["eval_blocks"])
-    return [evaluate(checkpoint.model, blocks, checkpoint.meta["objective"], config["eval_mc_samples"],
+    objective = make_objective(checkpoint.meta["objective"], **checkpoint.meta.get("objective_options", {}))
+    return [evaluate(checkpoint.model, blocks, objective, config["eval_mc_samples"],
                      batch_size=config["eval_batch_size"], seed=first_seed + 1000 * k) for k in range(sets)]
 
 
