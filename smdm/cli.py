@@ -118,7 +118,8 @@ def _add_train_args(parser: argparse.ArgumentParser, sft: bool = False) -> None:
     parser.add_argument("--device", default=unset)
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=unset)
     parser.add_argument("--resume", action="store_true", default=unset, help="continue from OUT/checkpoint")
-    parser.add_argument("--init-from", default=unset, help="start from the weights of this checkpoint")
+    parser.add_argument("--init-from", default=unset, help="start from the weights of this checkpoint (of the same "
+                        "family; an ARM is adapted into an mdm/bdm run, an MDM may start a bdm run as BD3-LM does)")
     parser.add_argument("--adapt-shift", action=argparse.BooleanOptionalAction, default=unset,
                         help="ARM -> MDM or BDM (--objective mdm|bdm --init-from ARM): keep the AR head's i -> i+1 "
                              "alignment (default on, as DiffuLLaMA, Dream and Fast-dLLM v2)")
