@@ -17,19 +17,21 @@ BRANCH=${BRANCH:-replay}
 PY=${PY:-python}
 FT=$((STEPS * 150 / 1150))
 PRE=$((STEPS - 2 * FT))
-recipe=(--loss-weighting ce --mask-rate-min 0.3 --mask-rate-max 0.8 --low-discrepancy)
-common=(--data "$WORK/tokens" --model tiny-1m --seq-len 128 --batch-size 32 --lr 3e-3 --eval-blocks 64
-        --seed "$SEED" --threads 1 --no-progress --resume "${recipe[@]}")
+config="$WORK/mdm-recipe-s$SEED/train_config.json"
+if [ "$BRANCH" = replay ] && [ ! -f "$config" ]; then
+  echo "bdm_from_mdm.sh: $config is missing; start benchmarks/bdm_recipe.sh first" >&2
+  exit 2
+fi
+mkdir -p "$WORK"
+# shellcheck source=benchmarks/demo_tokens.sh
+source "$(dirname "$0")/demo_tokens.sh"
+common=("${demo_setting[@]}" --seed "$SEED" "${demo_recipe[@]}" --low-discrepancy)
 if [ "$BRANCH" = replay ]; then
-  config="$WORK/mdm-recipe-s$SEED/train_config.json"
-  [ -f "$config" ] || { echo "bdm_from_mdm.sh: $config is missing; start benchmarks/bdm_recipe.sh first" >&2; exit 2; }
   pre="$WORK/mdm-recipe-s$SEED-at$PRE"
   [ -f "$pre/summary.json" ] || $PY -m smdm train --config "$config" --out "$pre" --stop-after-steps "$PRE" \
     --resume --no-progress > "$pre.log" 2>&1
   tag=br
 else
-  # shellcheck source=benchmarks/demo_tokens.sh
-  source "$(dirname "$0")/demo_tokens.sh"
   pre="$WORK/mdm-pre$PRE-s$SEED"
   [ -f "$pre/summary.json" ] || $PY -m smdm train "${common[@]}" --out "$pre" --objective mdm --max-steps "$PRE" \
     --eval-every 74 --save-every 74 > "$pre.log" 2>&1

@@ -16,7 +16,7 @@ PY=${PY:-python}
 mkdir -p "$WORK"
 # shellcheck source=benchmarks/demo_tokens.sh
 source "$(dirname "$0")/demo_tokens.sh"
-recipe=(--loss-weighting ce --mask-rate-min 0.3 --mask-rate-max 0.8)
+recipe=("${demo_recipe[@]}")
 runs=("mdm-recipe mdm $STEPS ${recipe[*]}" "arm arm $STEPS")  # the MDM first: bdm_from_mdm.sh branches from it
 for size in $SIZES; do
   runs+=("bdm$size-plain bdm $((STEPS / 2)) --diffusion-block-size $size")
@@ -28,10 +28,8 @@ for run in "${runs[@]}"; do
   ld=(--low-discrepancy)
   [ "$objective" = arm ] && ld=()
   # shellcheck disable=SC2086  # $extra holds several flags
-  $PY -m smdm train --data "$WORK/tokens" --out "$WORK/$name-s$SEED" --model tiny-1m --objective "$objective" \
-    --seq-len 128 --batch-size 32 --lr 3e-3 --max-steps "$steps" --eval-every 75 --eval-blocks 64 \
-    --save-every 75 --seed "$SEED" --threads 1 --no-progress --resume "${ld[@]}" $extra \
-    > "$WORK/$name-s$SEED.log" 2>&1 &
+  $PY -m smdm train "${demo_setting[@]}" --out "$WORK/$name-s$SEED" --objective "$objective" --max-steps "$steps" \
+    --eval-every 75 --save-every 75 --seed "$SEED" "${ld[@]}" $extra > "$WORK/$name-s$SEED.log" 2>&1 &
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
 done
 wait
