@@ -119,7 +119,8 @@ def test_tiny_study_end_to_end(toy_data, tmp_path, capsys):
     code, out, err = run_cli(capsys, "scale", "repeat", "plan", str(spec_file), "--out", str(manifest))
     assert code == 0, err
     assert "4 runs" in out
-    code, out, err = run_cli(capsys, "scale", "repeat", "run", str(manifest), "--threads", "1", "--no-progress")
+    code, out, err = run_cli(capsys, "scale", "repeat", "run", str(manifest), "--threads", "1", "--jobs", "2",
+                             "--no-progress")
     assert code == 0, err
     config = json.loads((tmp_path / "runs" / "mdm-tiny-test-U330-e3" / "train_config.json").read_text())
     assert config["max_unique_tokens"] == 330 and config["loss_weighting"] == "ce"
@@ -145,7 +146,7 @@ def test_tiny_study_end_to_end(toy_data, tmp_path, capsys):
     other_spec, other = tmp_path / "other.json", tmp_path / "other-manifest.json"
     other_spec.write_text(json.dumps(vars(_spec(tmp_path, toy_data, unique_tokens=[200], epochs=[1]))))
     assert run_cli(capsys, "scale", "repeat", "plan", str(other_spec), "--out", str(other))[0] == 0
-    assert run_cli(capsys, "scale", "repeat", "run", str(other), "--threads", "1", "--no-progress")[0] == 0
+    assert run_cli(capsys, "scale", "repeat", "run", str(other), "--threads", "1", "--jobs", "2", "--no-progress")[0] == 0
     code, out, err = run_cli(capsys, "scale", "repeat", "fit", str(manifest), "--also", str(other), str(manifest),
                              "--out", str(tmp_path / "fit2"))
     assert code == 0, err
@@ -156,7 +157,7 @@ def test_tiny_study_end_to_end(toy_data, tmp_path, capsys):
     variant_spec.write_text(json.dumps(vars(_spec(tmp_path, toy_data, name="clip", out_dir=str(tmp_path / "runs-clip"),
                                                   unique_tokens=[200], epochs=[1]))))
     assert run_cli(capsys, "scale", "repeat", "plan", str(variant_spec), "--out", str(variant))[0] == 0
-    assert run_cli(capsys, "scale", "repeat", "run", str(variant), "--threads", "1", "--no-progress")[0] == 0
+    assert run_cli(capsys, "scale", "repeat", "run", str(variant), "--threads", "1", "--jobs", "2", "--no-progress")[0] == 0
     code, out, err = run_cli(capsys, "scale", "repeat", "fit", str(manifest), "--also", str(other), str(variant),
                              "--out", str(tmp_path / "fit3"))
     assert code == 0, err
