@@ -55,11 +55,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, int]:
+def start_server(checkpoint: Path, max_batch: int, threads: int, device: str = "auto") -> tuple[subprocess.Popen, int]:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "smdm", "serve", "--checkpoint", str(checkpoint), "--port",
                                 str(port), "--name", "bench", "--max-batch", str(max_batch), "--max-queue", "256",
-                                "--threads", str(threads)], cwd=REPO, stderr=subprocess.DEVNULL,
+                                "--threads", str(threads), "--device", device], cwd=REPO, stderr=subprocess.DEVNULL,
                                env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)})
     for _ in range(600):
         try:
@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--families", default="mdm,arm")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per setting (medians reported)")
     parser.add_argument("--no-stream", action="store_true", help="plain responses (time to first chunk = latency)")
+    parser.add_argument("--device", default="auto", help="the servers' device (auto: CUDA when there is one)")
+    parser.add_argument("--json", help="also write the rows and the speed-ups to this file")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,7 +177,7 @@ def main() -> None:
         for family in args.families.split(","):
             # Both servers run side by side and the measurements alternate (off, on, off, on, ...), each repeated:
             # on a shared machine the load drifts, and a ratio of medians measured together is what holds.
-            servers = {batching: start_server(checkpoints[family], size, args.threads)
+            servers = {batching: start_server(checkpoints[family], size, args.threads, args.device)
                        for batching, size in (("off", 1), ("on", 16))}
             try:
                 for _, port in servers.values():
@@ -202,13 +204,18 @@ def main() -> None:
                     process.terminate()
                     process.wait(timeout=30)
     print("\nbatching speed-up (requests/s, on / off):")
+    speedups = []
     for family in args.families.split(","):
         for n in clients:
             on = next(r for r in rows if r["family"] == family and r["batching"] == "on" and r["clients"] == n)
             off = next(r for r in rows if r["family"] == family and r["batching"] == "off" and r["clients"] == n)
-            print(f"  {family} {n:>2} clients: {on['req_s'] / off['req_s']:.2f}x")
+            speedups.append({"family": family, "clients": n, "speedup": on["req_s"] / off["req_s"]})
+            print(f"  {family} {n:>2} clients: {speedups[-1]['speedup']:.2f}x")
     lost = sum(r["requests"] - r["answered"] + r["failed"] for r in rows)
     print(f"requests lost or failed: {lost}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "speedups": speedups,
+                                               "lost_or_failed": lost}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
