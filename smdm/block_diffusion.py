@@ -318,8 +318,7 @@ class BlockLayout:
         pad, total, needed = cls.columns(prompt_lengths, length, block_size)
         if needed > context:
             raise SmdmError(f"prompt ({max(prompt_lengths)}) + generation ({length}) tokens in whole blocks of "
-                            f"{block_size} need {needed} positions, more than the context: they exceed the block "
-                            f"size {context}")
+                            f"{block_size} need {needed} positions: they exceed the context length {context}")
         return pad, total, needed
 
     @classmethod

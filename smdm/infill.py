@@ -226,7 +226,7 @@ def infill(model: Transformer, canvases: Sequence[Sequence[int]], steps: int | S
         if counts[-1] == 0:
             raise SmdmError("a canvas has no [MASK] positions to fill")
         if len(row) > model.config.block_size:
-            raise SmdmError(f"a canvas of {len(row)} tokens exceeds the block size {model.config.block_size}")
+            raise SmdmError(f"a canvas of {len(row)} tokens exceeds the context length {model.config.block_size}")
     row_steps = _per_row(steps, len(rows), "steps")
     row_blocks = _per_row(block_length, len(rows), "block_length")
     plans = [make_plan(model, n, s, temperature, remasking=remasking, block_length=b, cfg_scale=cfg_scale,

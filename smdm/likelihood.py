@@ -56,7 +56,7 @@ def _check_pair(model: Transformer, prefix: list[int], target: list[int], suffix
     check_shifted_context(model, len(prefix), "a non-empty prefix")
     if len(prefix) + len(target) + len(suffix) > model.config.block_size:
         raise SmdmError(f"prefix ({len(prefix)}) + target ({len(target)}) + suffix ({len(suffix)}) tokens exceed "
-                        f"the block size {model.config.block_size}")
+                        f"the context length {model.config.block_size}")
 
 
 def guided_logits(model: Transformer, x: torch.Tensor, prefix_len: int, cfg_scale: float | None,

@@ -348,11 +348,11 @@ class Transformer(nn.Module):
         """cos/sin for the given positions, broadcastable to (B, heads, T, head_size); refuses positions past the block."""
         if positions is None and input_pos is None:
             if seq_len > self.config.block_size:
-                raise SmdmError(f"sequence of {seq_len} tokens is longer than the block size {self.config.block_size}")
+                raise SmdmError(f"sequence of {seq_len} tokens is longer than the context length {self.config.block_size}")
             return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
         where = positions if positions is not None else input_pos
         if int(where.max()) >= self.config.block_size:
-            raise SmdmError(f"position {int(where.max())} is past the block size {self.config.block_size}")
+            raise SmdmError(f"position {int(where.max())} is past the context length {self.config.block_size}")
         if positions is None:
             return self.rope_cos[input_pos], self.rope_sin[input_pos]
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]

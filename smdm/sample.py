@@ -294,7 +294,7 @@ def check_prompts(model: Transformer, prompts: list[list[int]], length: int) -> 
             raise SmdmError(f"prompt ids must lie in [0, {vocab}) (the vocabulary, [MASK] excluded)")
     longest = max(len(p) for p in prompts)
     if longest > prompt_room(model, length):
-        raise SmdmError(f"prompt ({longest}) + generation ({length}) tokens exceed the block size "
+        raise SmdmError(f"prompt ({longest}) + generation ({length}) tokens exceed the context length "
                         f"{model.config.block_size}; shorten the prompt or the length")
     if model.causal and min(len(p) for p in prompts) < 1:
         raise SmdmError("an ARM needs a prompt of at least one token (start unconditional samples with EOS)")

@@ -430,7 +430,7 @@ def load_run_data(config: TrainConfig, objective: Objective, model_config: Model
     else:
         seq_len = config.seq_len or model_config.block_size
     if seq_len > model_config.block_size:
-        raise SmdmError(f"seq_len {seq_len} is longer than the block size {model_config.block_size} of "
+        raise SmdmError(f"seq_len {seq_len} is longer than the context length {model_config.block_size} of "
                         f"{model_config.name}")
     val_prompt_lengths = None
     if sft:

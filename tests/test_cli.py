@@ -50,7 +50,7 @@ def test_unknown_config(capsys, tmp_path, toy_data):
 def test_sequence_longer_than_block_size(capsys, tmp_path, toy_data):
     code, _, err = run_cli(capsys, "train", "--data", str(toy_data), "--out", str(tmp_path / "run"),
                            "--model", "tiny-test", "--seq-len", "4096", "--max-steps", "1")
-    assert_one_line_error(code, err, "block size")
+    assert_one_line_error(code, err, "context length")
 
 
 def test_data_dir_not_prepared(capsys, tmp_path):

@@ -155,7 +155,7 @@ def test_greedy_check_stops_at_the_first_wrong_reveal(mdm, arm):
 def test_bad_input(mdm, arm):
     with pytest.raises(SmdmError, match="empty"):
         mc_score(mdm, PREFIX, [])
-    with pytest.raises(SmdmError, match="exceed the block size"):
+    with pytest.raises(SmdmError, match="exceed the context length"):
         chain_rule_score(mdm, [1] * 120, [2] * 10)
     with pytest.raises(SmdmError, match="unknown likelihood method"):
         score(mdm, PREFIX, TARGET, method="exact")

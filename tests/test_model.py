@@ -92,7 +92,7 @@ def test_kv_cache_needs_causal_model():
 
 def test_sequence_longer_than_block_size_is_rejected():
     model = Transformer(tiny(block_size=8))
-    with pytest.raises(SmdmError, match="longer than the block size"):
+    with pytest.raises(SmdmError, match="longer than the context length"):
         model(torch.zeros(1, 9, dtype=torch.long))
 
 

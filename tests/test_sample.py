@@ -355,7 +355,7 @@ def test_trained_shape_model_leaves_no_mask_and_is_deterministic():
 def test_sampler_bad_input():
     mdm = Transformer(tiny()).eval()
     arm = Transformer(tiny(), causal=True).eval()
-    with pytest.raises(SmdmError, match="exceed the block size"):
+    with pytest.raises(SmdmError, match="exceed the context length"):
         generate(mdm, torch.zeros(120, dtype=torch.long), 20, 4)
     with pytest.raises(SmdmError, match="steps"):
         generate(mdm, torch.tensor([1]), 4, 0)
@@ -389,10 +389,10 @@ def test_generate_refuses_bad_options(causal, options, message):
 
 def test_generate_refuses_bad_prompts():
     mdm, arm = Transformer(tiny()).eval(), Transformer(tiny(), causal=True).eval()
-    with pytest.raises(SmdmError, match="exceed the block size"):
+    with pytest.raises(SmdmError, match="exceed the context length"):
         generate(mdm, [[1], [1] * 113], 16)  # 113 + 16 > 128: the longest prompt of a batch counts
     generate(arm, [[1] * 113], 16)  # an ARM never feeds its last token back: 113 + 16 - 1 positions fit
-    with pytest.raises(SmdmError, match="exceed the block size"):
+    with pytest.raises(SmdmError, match="exceed the context length"):
         generate(arm, [[1] * 114], 16)
     with pytest.raises(SmdmError, match="at least one token"):
         generate(arm, [[1], []], 4)
@@ -448,7 +448,7 @@ def test_cli_show_steps_and_arm(capsys, checkpoints):
 
 
 @pytest.mark.parametrize("objective, args, fragments", [
-    ("mdm", ["--prompt", "the cat sat on the mat " * 30], ("exceed the block size",)),
+    ("mdm", ["--prompt", "the cat sat on the mat " * 30], ("exceed the context length",)),
     ("mdm", ["--steps", "0"], ("--steps: must be at least 1",)),
     ("mdm", ["--steps", "3", "--block-length", "4"], ("multiple of the number of blocks",)),
     ("mdm", ["--block-length", "3"], ("must divide",)),

@@ -309,7 +309,7 @@ def test_gsm8k_bad_input(chat_models, tmp_path, capsys):
     code, _, err = run_cli(capsys, *base, "--test", str(tmp_path / "missing.jsonl"), "--checkpoint", mdm)
     assert_one_line_error(code, err, "missing.jsonl")
     code, _, err = run_cli(capsys, *base, "--test", str(good), "--checkpoint", mdm, "--length", "200")
-    assert_one_line_error(code, err, "--length 200", "block size 128")
+    assert_one_line_error(code, err, "--length 200", "context length 128")
 
 
 def test_mtbench_bad_input(chat_models, tmp_path, capsys):

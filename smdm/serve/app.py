@@ -192,7 +192,7 @@ def parse_request(body: Any, model, tokenizer, config: ServeConfig, chat: bool) 
             check_prompts(model, [ids + (suffix_ids or [])], max_tokens)
     except SmdmError as error:
         message = str(error)
-        code = "context_length_exceeded" if "exceed the block size" in message else "invalid_value"
+        code = "context_length_exceeded" if "exceed the context length" in message else "invalid_value"
         raise ApiError(400, message, code) from None
     stream_options = body.get("stream_options") or {}
     settings = Settings(temperature, top_p, remasking, cfg_scale, threshold, cache,

@@ -188,7 +188,7 @@ def check_settings(model: Transformer, config: GSM8KConfig, eos_id: int) -> None
                               {"--answer-cfg-scale": config.answer_cfg_scale})
     if _context_needed(model, config) >= model.config.block_size:
         raise SmdmError(f"--length {config.length}" + (f" + --answer-length {config.answer_length}" if config.two_stage
-                        else "") + f" leaves no room for the question in the block size {model.config.block_size}")
+                        else "") + f" leaves no room for the question in the context length {model.config.block_size}")
     stage_settings(model, config, 1).plan(model, config.length, eos_id)
     if config.two_stage:
         stage_settings(model, config, 2).plan(model, config.answer_length, eos_id)
@@ -227,7 +227,7 @@ def evaluate_gsm8k(model: Transformer, tokenizer: Tokenizer, config: GSM8KConfig
     encoded = [(p, tokenizer.encode(format_prompt(p.question))) for p in problems]
     kept = [(p, ids) for p, ids in encoded if len(ids) <= budget]
     if not kept:
-        raise SmdmError(f"every question is longer than the {budget} tokens left by the block size "
+        raise SmdmError(f"every question is longer than the {budget} tokens left by the context length "
                         f"{model.config.block_size} after generating; lower --length")
     generator = torch.Generator().manual_seed(config.seed)
     records: list[dict] = []

@@ -88,7 +88,7 @@ def check_settings(model: Transformer, config: MTBenchConfig, eos_id: int) -> No
         raise SmdmError(f"model id {config.model_id!r} names the answer file: use letters, digits, '.', '_', '-'")
     check_generation_settings(model, config.batch_size, config.limit, config.sampler)
     if config.length >= model.config.block_size:
-        raise SmdmError(f"--length {config.length} leaves no room for the question in the block size "
+        raise SmdmError(f"--length {config.length} leaves no room for the question in the context length "
                         f"{model.config.block_size}")
     config.sampler.plan(model, config.length, eos_id)
 
