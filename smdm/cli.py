@@ -44,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 # TrainConfig fields set by flags: (type, help). Flags default to "unset", so `--config FILE` values survive them.
 _TRAIN_OPTIONS = {
-    "seq_len": (positive_int, "tokens per row (default: the model's block size)"),
+    "seq_len": (positive_int, "tokens per row (default: the model's context length)"),
     "batch_size": (positive_int, "sequences per micro-batch"),
     "grad_accum": (positive_int, "micro-batches per optimizer step"),
     "lr": (positive_float, "peak learning rate"),
