@@ -389,7 +389,8 @@ def starting_point(config: TrainConfig, objective: Objective,
     family = init_meta.get("objective", objective.name)
     adapting = config.adapt_shift is not None or config.attention_anneal_steps > 0
     if adapting and family != "arm":
-        raise SmdmError(f"{config.init_from}: the checkpoint is an {family.upper()}, not an ARM; --adapt-shift / "
+        article = "an" if family == "mdm" else "a"  # "an MDM", "a BDM"
+        raise SmdmError(f"{config.init_from}: the checkpoint is {article} {family.upper()}, not an ARM; --adapt-shift / "
                         "--attention-anneal-steps adapt an ARM into an MDM or a BDM")
     if family == "arm" and objective.name in ("mdm", "bdm"):
         return initial, adapted_config(init_config, config.adapt_shift is not False), True

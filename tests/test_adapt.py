@@ -186,6 +186,14 @@ def test_an_mdm_starts_a_bdm_run_as_bd3lm_does(toy_data, tmp_path):
     with pytest.raises(SmdmError, match="bdm checkpoints cannot start mdm runs"):
         train(tiny_run(toy_data, tmp_path / "back", init_from=str(tmp_path / "bdm"), max_steps=1))
     assert not (tmp_path / "back").exists()
+    # adaptation flags are for an ARM; the error names the family with its article
+    with pytest.raises(SmdmError, match="the checkpoint is a BDM, not an ARM"):
+        train(tiny_run(toy_data, tmp_path / "shift", objective="bdm", diffusion_block_size=4,
+                       init_from=str(tmp_path / "bdm"), adapt_shift=True, max_steps=1))
+    with pytest.raises(SmdmError, match="the checkpoint is an MDM, not an ARM"):
+        train(tiny_run(toy_data, tmp_path / "shift", objective="bdm", diffusion_block_size=4,
+                       init_from=str(tmp_path / "mdm"), adapt_shift=True, max_steps=1))
+    assert not (tmp_path / "shift").exists()
 
 
 def test_cli_errors_are_one_line_and_write_nothing(capsys, toy_data, tmp_path, arm_checkpoint):
