@@ -102,9 +102,9 @@ def add_length_and_sampler_args(p: argparse.ArgumentParser, length: int | None, 
 
 def add_study_parsers(sub: argparse._SubParsersAction, what: str, example: str, fit_help: str,
                       fit_outputs: str) -> argparse.ArgumentParser:
-    """`plan SPEC --out MANIFEST`, `run MANIFEST [--jobs ...]` and `fit MANIFEST --out DIR` (returned, for the
-    study's own fit options): shared by IsoFLOP sweeps and repeat studies, whose runs are the same ordinary
-    resumable training runs."""
+    """`plan SPEC --out MANIFEST`, `run MANIFEST [--jobs ...]`, `status MANIFEST` and `fit MANIFEST --out DIR`
+    (returned, for the study's own fit options): shared by IsoFLOP sweeps and repeat studies, whose runs are the
+    same ordinary resumable training runs."""
     s = sub.add_parser("plan", help=f"turn a {what} spec (JSON) into a manifest of training runs")
     s.add_argument("spec", help=f"e.g. {example}")
     s.add_argument("--out", required=True, help="manifest to write")
@@ -116,6 +116,9 @@ def add_study_parsers(sub: argparse._SubParsersAction, what: str, example: str, 
     s.add_argument("--data", help="override the spec's data directory")
     s.add_argument("--stop-after-steps", type=positive_int, help="end each run early with a checkpoint (time slices)")
     s.add_argument("--no-progress", action="store_true")
+    s = sub.add_parser("status", help="where each run stands (done, running, partial, new; steps, validation "
+                                      "loss); reads the run directories only")
+    s.add_argument("manifest")
     s = sub.add_parser("fit", help=fit_help)
     s.add_argument("manifest")
     s.add_argument("--out", required=True, help=f"directory for {fit_outputs}")

@@ -1,4 +1,4 @@
-"""`smdm scale repeat plan|run|fit`: the data-constrained study's commands; parse arguments, call smdm.repeat."""
+"""`smdm scale repeat plan|run|status|fit`: the data-constrained study's commands; parse arguments, call smdm.repeat."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ def cmd_repeat(args: argparse.Namespace) -> None:
         return
     spec, runs = repeat.read_repeat_manifest(args.manifest)
     runs = sweep.select_runs(runs, getattr(args, "only", None), args.manifest)
+    if args.repeat_command == "status":
+        print(sweep.describe_status(runs))
+        return
     for other in getattr(args, "also", None) or []:  # fit: further studies' runs join (another U, size or recipe)
         runs += _joining_runs(runs, *repeat.read_repeat_manifest(other))
     if args.repeat_command == "run":

@@ -32,12 +32,15 @@ LOCK_FILE = RUN_LOCK_FILE
 
 @dataclass
 class RunStatus:
-    """Where a run stands: 'done' (final validation loss logged), 'partial' (a checkpoint), or 'new'."""
+    """Where a run stands: 'done' (final validation loss logged), 'partial' (a checkpoint), or 'new'; with the
+    latest and the best validation loss logged so far (None before the first evaluation)."""
 
     state: str
     step: int = 0
     loss: float | None = None
     reason: str = ""
+    last_val: float | None = None
+    best_val: float | None = None
 
 
 def run_status(run: PlannedRun) -> RunStatus:
@@ -46,19 +49,63 @@ def run_status(run: PlannedRun) -> RunStatus:
     metrics = out / "metrics.jsonl"
     if not metrics.is_file():
         return RunStatus("new", reason="no metrics.jsonl")
-    last_step, final = 0, None
+    last_step, final, validation = 0, None, []
     for line in metrics.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
         last_step = max(last_step, int(row.get("step", 0)))
+        value = row.get("val_loss")
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            validation.append(float(value))
         if "val_loss" in row and row.get("step") == run.steps:
-            final = row["val_loss"]
+            final = value
+    last_val, best_val = (validation[-1], min(validation)) if validation else (None, None)
     if final is not None and isinstance(final, (int, float)) and math.isfinite(final):
-        return RunStatus("done", step=run.steps, loss=float(final))
+        return RunStatus("done", step=run.steps, loss=float(final), last_val=last_val, best_val=best_val)
     state = "partial" if (out / "checkpoint").exists() else "new"
-    return RunStatus(state, step=last_step, reason=f"unfinished: logged step {last_step} of {run.steps}")
+    return RunStatus(state, step=last_step, reason=f"unfinished: logged step {last_step} of {run.steps}",
+                     last_val=last_val, best_val=best_val)
+
+
+def lock_holder(run: PlannedRun) -> int | None:
+    """The pid of a live process holding the run's lock, read from the lock file without taking the lock: a status
+    look must never make a trainer starting at that moment find its run busy (pid reuse aside, which only
+    mislabels a row of a status table)."""
+    try:
+        pid = int((Path(run.out_dir) / LOCK_FILE).read_text().split()[0])
+        os.kill(pid, 0)
+    except PermissionError:  # alive, another user's
+        return pid
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
+
+
+def describe_status(runs: list[PlannedRun]) -> str:
+    """Where each run of a study stands, read from the run directories only (`smdm scale status`): state (done,
+    running, partial, new), the step reached, the latest and best validation loss, and the share of the planned
+    FLOPs done. Nothing is written or started, so it is safe beside a running sweep."""
+    rows = [f"{'run':<32} {'state':<16} {'step':>13} {'last val':>9} {'best val':>9}"]
+    counts: dict[str, int] = {}
+    done_flops = 0.0
+    for run in runs:
+        status = run_status(run)
+        state = status.state
+        pid = lock_holder(run) if state != "done" else None
+        if pid is not None:
+            state = f"running ({pid})"
+        counts[state.split()[0]] = counts.get(state.split()[0], 0) + 1
+        done_flops += run.flops * min(status.step, run.steps) / run.steps
+        rows.append(f"{run.name:<32} {state:<16} {f'{status.step}/{run.steps}':>13} "
+                    + " ".join(f"{v:>9.4f}" if v is not None else f"{'-':>9}" for v in (status.last_val,
+                                                                                      status.best_val)))
+    total = sum(r.flops for r in runs)
+    summary = ", ".join(f"{counts[k]} {k}" for k in ("done", "running", "partial", "new") if k in counts)
+    rows.append(f"{len(runs)} runs: {summary}; {done_flops / total:.0%} of the {total:.3g} planned FLOPs done"
+                if total else f"{len(runs)} runs")
+    return "\n".join(rows)
 
 
 def train_argv(run: PlannedRun, data_dir: str, world_size: int = 1) -> list[str]:

@@ -1,4 +1,4 @@
-"""`smdm scale plan|run|fit|launch`: parse arguments and call smdm.scaling / smdm.sweep; nothing else."""
+"""`smdm scale plan|run|status|fit|launch`: parse arguments and call smdm.scaling / smdm.sweep; nothing else."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ def cmd_scale(args: argparse.Namespace) -> None:
         return
     spec, runs = read_manifest(args.manifest)
     runs = sweep.select_runs(runs, getattr(args, "only", None), args.manifest)
+    if args.scale_command == "status":
+        print(sweep.describe_status(runs))
+        return
     data = args.data or spec.data_dir
     if args.scale_command == "run":
         report = sweep.run_sweep(runs, data, jobs=args.jobs, threads=args.threads,

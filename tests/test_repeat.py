@@ -122,6 +122,8 @@ def test_tiny_study_end_to_end(toy_data, tmp_path, capsys):
     code, out, err = run_cli(capsys, "scale", "repeat", "run", str(manifest), "--threads", "1", "--jobs", "2",
                              "--no-progress")
     assert code == 0, err
+    code, out, err = run_cli(capsys, "scale", "repeat", "status", str(manifest))
+    assert code == 0 and out.splitlines()[-1].startswith("4 runs: 4 done; 100% of the"), err
     config = json.loads((tmp_path / "runs" / "mdm-tiny-test-U330-e3" / "train_config.json").read_text())
     assert config["max_unique_tokens"] == 330 and config["loss_weighting"] == "ce"
     code, out, err = run_cli(capsys, "scale", "repeat", "fit", str(manifest), "--out", str(tmp_path / "fit"))

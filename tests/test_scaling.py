@@ -405,3 +405,37 @@ def test_cli_plan_and_bad_manifests(tmp_path, capsys):
         extra = ["--out", str(tmp_path / "fit")] if command == "fit" else []
         assert_one_line_error(*run_cli(capsys, "scale", command, str(tmp_path / "bad.json"), *extra)[::2],
                               "unknown config 'nope'")
+
+
+def test_status_reads_where_each_run_stands_and_writes_nothing(toy_data, tmp_path, capsys):
+    manifest = _toy_manifest(toy_data, tmp_path)
+    first, second = read_manifest(manifest)[1]
+    out = Path(first.out_dir)
+    (out / "checkpoint").mkdir(parents=True)
+    rows = [{"step": 5, "val_loss": 4.5}, {"step": 10, "val_loss": 4.25}, {"step": 12, "loss": 3.0}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 13, "lo')  # cut by a kill
+    (out / LOCK_FILE).write_text(f"{os.getpid()}\n")  # held by a live process: running
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def status() -> dict[str, str]:
+        code, text, err = run_cli(capsys, "scale", "status", str(manifest))
+        assert code == 0, err
+        return {line.split()[0]: line for line in text.splitlines()[1:-1]} | {"total": text.splitlines()[-1]}
+
+    table = status()
+    assert f"running ({os.getpid()})" in table[first.name] and f"12/{first.steps}" in table[first.name]
+    assert table[first.name].split()[-2:] == ["4.2500", "4.2500"]  # latest and best validation loss
+    assert table[second.name].split()[1:] == ["new", f"0/{second.steps}", "-", "-"]
+    assert "1 running, 1 new" in table["total"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing created or locked
+    assert (out / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK_FILE).write_text(f"{dead.pid}\n")  # its trainer is gone: partial
+    assert status()[first.name].split()[1:3] == ["partial", f"12/{first.steps}"]
+    with open(out / "metrics.jsonl", "a") as log:
+        log.write("\n" + json.dumps({"step": first.steps, "val_loss": 4.375}) + "\n")
+    table = status()
+    assert table[first.name].split()[1:] == ["done", f"{first.steps}/{first.steps}", "4.3750", "4.2500"]
+    assert "1 done, 1 new" in table["total"] and "50% of the" in table["total"]
