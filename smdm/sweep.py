@@ -75,6 +75,8 @@ def lock_holder(run: PlannedRun) -> int | None:
     mislabels a row of a status table)."""
     try:
         pid = int((Path(run.out_dir) / LOCK_FILE).read_text().split()[0])
+        if pid <= 0:  # kill(0) would signal our own process group
+            return None
         os.kill(pid, 0)
     except PermissionError:  # alive, another user's
         return pid
