@@ -4,6 +4,7 @@
 # the ARM and the demo-recipe MDM for STEPS steps, each BDM for STEPS/2 (a BDM token costs two passes: equal FLOPs),
 # once with the plain 1/t ELBO over t in (0, 1] and once with the MDM's winning recipe (simple CE, rates in
 # [0.3, 0.8]). Every run is an ordinary `smdm train --resume` run: kill and rerun to continue; JOBS runs side by side.
+# SIZES=" " trains no BDM, ARM=0 no ARM.
 # Validation is the same for every recipe (the exact NLL for the ARM, the unclipped ELBO for the others).
 #   nice -n 19 bash benchmarks/bdm_recipe.sh && python benchmarks/recipe_table.py runs/bdm-recipe
 set -euo pipefail
@@ -17,7 +18,8 @@ mkdir -p "$WORK"
 # shellcheck source=benchmarks/demo_tokens.sh
 source "$(dirname "$0")/demo_tokens.sh"
 recipe=("${demo_recipe[@]}")
-runs=("mdm-recipe mdm $STEPS ${recipe[*]}" "arm arm $STEPS")  # the MDM first: bdm_from_mdm.sh branches from it
+runs=("mdm-recipe mdm $STEPS ${recipe[*]}")  # the MDM first: bdm_from_mdm.sh branches from it
+[ "${ARM:-1}" = 0 ] || runs+=("arm arm $STEPS")  # ARM=0: without the ARM (a comparison of diffusion runs only)
 for size in $SIZES; do
   runs+=("bdm$size-plain bdm $((STEPS / 2)) --diffusion-block-size $size")
   runs+=("bdm$size-recipe bdm $((STEPS / 2)) --diffusion-block-size $size ${recipe[*]}")
