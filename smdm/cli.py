@@ -257,7 +257,8 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
 
     checkpoints, tokenizer = load_checkpoints(args.checkpoint, args.tokenizer, args.device, args.dtype)
     corpora = dict(parse_corpus_spec(spec) for spec in args.corpus)
-    rows = temporal_study(checkpoints, tokenizer, corpora, args.seq_len, args.max_blocks, args.mc_samples)
+    rows = temporal_study(checkpoints, tokenizer, corpora, args.seq_len, args.max_blocks, args.mc_samples,
+                          progress=not args.no_progress)
     for path in write_report(rows, Path(args.out)):
         print(f"wrote {path}")
     print((Path(args.out) / "temporal.md").read_text(), end="")

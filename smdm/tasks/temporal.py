@@ -76,10 +76,11 @@ def score_corpus(name: str, checkpoint: Checkpoint, label: str, blocks: list[lis
 
 
 def temporal_study(checkpoints: dict[str, Checkpoint], tokenizer: Tokenizer, corpora: dict[str, list[Path]],
-                   seq_len: int = 128, max_blocks: int = 32, mc_samples: int = 64) -> list[CorpusScore]:
+                   seq_len: int = 128, max_blocks: int = 32, mc_samples: int = 64,
+                   progress: bool = True) -> list[CorpusScore]:
     """Score every corpus with every model."""
     rows = []
-    for label, files in tqdm(corpora.items(), desc="corpora", unit="corpus"):
+    for label, files in tqdm(corpora.items(), desc="corpora", unit="corpus", disable=not progress):
         blocks = corpus_blocks(tokenizer, files, seq_len, max_blocks)
         for name, checkpoint in checkpoints.items():
             rows.append(score_corpus(name, checkpoint, label, blocks, tokenizer.eos_id, mc_samples))
