@@ -352,3 +352,23 @@ def test_eval_convert_cli(capsys, tmp_path):
                              str(tmp_path / "out"), "--tasks", "piqa,boolq")
     assert code == 0, err
     assert "smdm_piqa" in out and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["boolq.jsonl", "piqa.jsonl"]
+
+
+def test_a_block_diffusion_checkpoint_scores_and_generates_through_the_adapter(toy_data, tmp_path):
+    """Issue 16's likelihood in the lm-eval adapter: a BDM is scored by its block ELBO (the shared `score`, with the
+    adapter's draws) and generates through the block sampler."""
+    from smdm.train import TrainConfig, train
+
+    train(TrainConfig(data_dir=str(toy_data), out_dir=str(tmp_path / "bdm"), model="tiny-test", seq_len=32,
+                      batch_size=4, max_steps=20, lr=3e-3, objective="bdm", diffusion_block_size=4,
+                      eval_every=1000, eval_blocks=2, progress=False, threads=1))
+    lm = SmdmLM(checkpoint=str(tmp_path / "bdm"), mc_samples=8, batch_size=8, seed=3)
+    assert lm.model.diffusion_block_size == 4
+    prefix, target = lm.scoring_pair(CONTEXT, CONTINUATION)
+    expected = score(lm.model, prefix, target, method="mc", mc_samples=8, batch_size=8, seed=3)
+    (logprob, greedy), = lm.loglikelihood([request(CONTEXT, CONTINUATION)])
+    assert logprob == pytest.approx(-expected.nll, abs=1e-6) and expected.stderr > 0 and isinstance(greedy, bool)
+    rolling, = lm.loglikelihood_rolling([request(CONTEXT + CONTINUATION)])
+    assert rolling < 0
+    text, = lm.generate_until([request("the cat", {"until": ["\n"], "max_gen_toks": 8})])
+    assert isinstance(text, str) and "\n" not in text
