@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from smdm.diffusion import MASK_EPS, check_shifted_context, is_shifted, predicted_positions, sft_maskable
-from smdm.errors import SmdmError
+from smdm.errors import ContextLengthError, SmdmError
 from smdm.model import KVCache, Transformer
 from smdm.sampler_settings import REMASKINGS
 
@@ -317,8 +317,9 @@ class BlockLayout:
         """`columns`, refusing a layout that needs more positions than the context."""
         pad, total, needed = cls.columns(prompt_lengths, length, block_size)
         if needed > context:
-            raise SmdmError(f"prompt ({max(prompt_lengths)}) + generation ({length}) tokens in whole blocks of "
-                            f"{block_size} need {needed} positions: they exceed the context length {context}")
+            raise ContextLengthError(f"prompt ({max(prompt_lengths)}) + generation ({length}) tokens in whole "
+                                     f"blocks of {block_size} need {needed} positions: they exceed the context "
+                                     f"length {context}")
         return pad, total, needed
 
     @classmethod

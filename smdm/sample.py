@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from smdm.diffusion import check_shifted_context
-from smdm.errors import SmdmError
+from smdm.errors import ContextLengthError, SmdmError
 from smdm.model import Transformer, WindowCache
 from smdm.sampler_settings import (  # noqa: F401 -- the settings type and its constants, re-exported
     ARM_CACHES,
@@ -294,7 +294,7 @@ def check_prompts(model: Transformer, prompts: list[list[int]], length: int) -> 
             raise SmdmError(f"prompt ids must lie in [0, {vocab}) (the vocabulary, [MASK] excluded)")
     longest = max(len(p) for p in prompts)
     if longest > prompt_room(model, length):
-        raise SmdmError(f"prompt ({longest}) + generation ({length}) tokens exceed the context length "
+        raise ContextLengthError(f"prompt ({longest}) + generation ({length}) tokens exceed the context length "
                         f"{model.config.block_size}; shorten the prompt or the length")
     if model.causal and min(len(p) for p in prompts) < 1:
         raise SmdmError("an ARM needs a prompt of at least one token (start unconditional samples with EOS)")

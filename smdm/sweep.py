@@ -94,11 +94,10 @@ def describe_status(runs: list[PlannedRun]) -> str:
     done_flops = 0.0
     for run in runs:
         status = run_status(run)
-        state = status.state
-        pid = lock_holder(run) if state != "done" else None
-        if pid is not None:
-            state = f"running ({pid})"
-        counts[state.split()[0]] = counts.get(state.split()[0], 0) + 1
+        pid = lock_holder(run) if status.state != "done" else None
+        kind = "running" if pid is not None else status.state
+        state = f"running ({pid})" if pid is not None else kind
+        counts[kind] = counts.get(kind, 0) + 1
         done_flops += run.flops * min(status.step, run.steps) / run.steps
         rows.append(f"{run.name:<32} {state:<16} {f'{status.step}/{run.steps}':>13} "
                     + " ".join(f"{v:>9.4f}" if v is not None else f"{'-':>9}" for v in (status.last_val,

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smdm.block_diffusion import BlockLayout
 from smdm.chat import prompt_from_messages
-from smdm.errors import SmdmError
+from smdm.errors import ContextLengthError, SmdmError
 from smdm.sample import check_prompts, make_plan, prepare_prompts
 from smdm.serve.batcher import Batcher, BatcherConfig, Job, QueueFull, Row, RowResult, Settings, ShuttingDown, StepView
 
@@ -191,9 +191,8 @@ def parse_request(body: Any, model, tokenizer, config: ServeConfig, chat: bool) 
                 BlockLayout.check_fits([len(ids)], max_tokens, model.diffusion_block_size, context)
             check_prompts(model, [ids + (suffix_ids or [])], max_tokens)
     except SmdmError as error:
-        message = str(error)
-        code = "context_length_exceeded" if "exceed the context length" in message else "invalid_value"
-        raise ApiError(400, message, code) from None
+        code = "context_length_exceeded" if isinstance(error, ContextLengthError) else "invalid_value"
+        raise ApiError(400, str(error), code) from None
     stream_options = body.get("stream_options") or {}
     settings = Settings(temperature, top_p, remasking, cfg_scale, threshold, cache,
                         seed if temperature > 0 else None)
