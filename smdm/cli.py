@@ -51,6 +51,7 @@ _TRAIN_OPTIONS = {
     "min_lr_ratio": (finite_float(0, 1), "cosine decay ends at lr x this"),
     "warmup_steps": (non_negative_int, "linear warmup (default: 1%% of the run)"),
     "weight_decay": (finite_float(0), "AdamW decay of matrices"),
+    "dropout": (fraction, "residual dropout while training, for repeated data; 0: none"),
     "grad_clip": (positive_float, "gradient-norm clip"),
     "random_length_prob": (finite_float(0, 1), "fraction of batches cut to a random length (the paper: 1%%)"),
     "eval_every": (positive_int, "steps between validations"),

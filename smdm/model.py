@@ -233,12 +233,18 @@ class Block(nn.Module):
         self.attn = Attention(config, causal)
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = SwiGLU(config)
+        self.dropout = 0.0  # on both branch outputs in training only; set by `set_dropout`, never saved
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 input_pos: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
                 window: WindowKV | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, key_mask, window, attn_mask)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self._drop(self.attn(self.attn_norm(x), cos, sin, input_pos, key_mask, window, attn_mask))
+        return x + self._drop(self.mlp(self.mlp_norm(x)))
+
+    def _drop(self, branch: torch.Tensor) -> torch.Tensor:
+        if self.dropout and self.training:
+            return F.dropout(branch, self.dropout, training=True)
+        return branch
 
 
 class TiedHead(nn.Module):
@@ -370,6 +376,18 @@ class Transformer(nn.Module):
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
             block.attn.kv_cache = None
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Residual dropout on every block's attention and MLP outputs while training (GPT-2's resid_pdrop). A
+    regulariser for repeated data: Gao et al. 2025 (*What Makes Diffusion Language Models Super Data Learners?*,
+    arXiv 2510.04071) find dropout in the attention and MLP layers buys multi-epoch ARMs much of the MDM's data
+    efficiency. A training setting, not part of the architecture: evaluation and sampling (`model.eval()`) never drop."""
+    if not 0 <= p < 1:
+        raise SmdmError(f"dropout must lie in [0, 1), got {p}")
+    for block in model.modules():
+        if isinstance(block, Block):
+            block.dropout = p
 
 
 INITS = ("gpt2", "smdm")  # `Transformer` itself draws the GPT-2 one; `smdm_init_` redraws the paper code's

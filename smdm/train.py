@@ -57,7 +57,7 @@ from smdm.lora import (
     read_adapter_state,
     save_adapter,
 )
-from smdm.model import INITS, Transformer, smdm_init_
+from smdm.model import INITS, Transformer, set_dropout, smdm_init_
 from smdm.objectives import Objective, make_objective, objective_names
 
 
@@ -76,6 +76,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (the paper: 10%)
     warmup_steps: int | None = None  # default: 1% of the run (the paper's recipe)
     weight_decay: float = 0.1
+    dropout: float = 0.0  # residual dropout while training (smdm.model.set_dropout; Gao et al. 2025); 0: none
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -181,6 +182,8 @@ class TrainConfig:
             raise SmdmError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.prompt_dropout < 1:
             raise SmdmError("prompt_dropout must lie in [0, 1)")
+        if not 0 <= self.dropout < 1:
+            raise SmdmError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.init not in INITS:
             raise SmdmError(f"unknown init {self.init!r}; use one of {', '.join(INITS)}")
         if self.init != "gpt2" and self.init_from is not None:
@@ -245,9 +248,19 @@ def budget_flops_per_token(objective: Objective, model_config: ModelConfig, seq_
     return objective.compute_factor * flops_per_token(model_config, seq_len, count)
 
 
+def step_seed(seed: int, step: int, micro: int, rank: int = 0) -> int:
+    """The seed of one micro-batch's random stream: a pure function of (seed, step, micro, rank)."""
+    return ((seed * 1_000_003 + step) * 1_009 + micro) * 131 + rank
+
+
 def step_generator(seed: int, step: int, micro: int, rank: int = 0) -> torch.Generator:
-    """The random stream of one micro-batch: a pure function of (seed, step, micro, rank), so a resume replays it."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 131 + rank)
+    """The random stream of one micro-batch (data cuts, times, masks), so a resume replays it."""
+    return torch.Generator().manual_seed(step_seed(seed, step, micro, rank))
+
+
+# Dropout draws from torch's global RNG (on the model's device); it is seeded per micro-batch from this offset of
+# the step seed, so its masks are replayed by a resume on any device and never repeat the masking stream's numbers.
+DROPOUT_SEED_OFFSET = 0x9E3779B97F4A7C15
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -521,6 +534,9 @@ class Run:
         for micro in range(config.grad_accum):
             # Keyed by the global micro-batch index, so N ranks x k micro-batches replay 1 rank x N·k exactly.
             generator = step_generator(config.seed, step, micro * info.world_size + info.rank)
+            if config.dropout:
+                torch.manual_seed((step_seed(config.seed, step, micro * info.world_size + info.rank)
+                                   + DROPOUT_SEED_OFFSET) % 2**64)
             prompt_lengths = None
             if self.data.sft:
                 tokens, prompt_lengths = self.data.train.next_batch(config.batch_size)
@@ -569,6 +585,7 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
                         diffusion_block_size=getattr(objective, "diffusion_block_size", None))
     if config.init == "smdm":
         smdm_init_(model)
+    set_dropout(model, config.dropout)
     n_params = non_embedding_params(model_config)
     tokens_per_step = config.batch_size * config.grad_accum * data.seq_len * info.world_size
     total_steps = total_steps_for(config, tokens_per_step,
@@ -594,7 +611,7 @@ def build_run(config: TrainConfig, info: DistInfo) -> Run:
     meta = {"objective": objective.name, **({"objective_options": objective.options()} if objective.options()
                                             else {}),
             "tokenizer": {k: data.tokenizer.get(k) for k in ("fingerprint", "vocab_size", "eos_id")},
-            "non_embedding_params": n_params, "sft": sft}
+            "non_embedding_params": n_params, "sft": sft, **({"dropout": config.dropout} if config.dropout else {})}
     if adapted:
         meta["adapted_from"] = adaptation_record(config.init_from, model_config.shifted,
                                                  config.attention_anneal_steps)

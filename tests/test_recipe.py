@@ -19,7 +19,7 @@ from smdm.data.packed import PackedDataset
 from smdm.diffusion import mask_probability, mdm_sft_step_loss, mdm_step_loss, sample_times
 from smdm.distributed import DistInfo
 from smdm.errors import SmdmError
-from smdm.model import Transformer, smdm_init_
+from smdm.model import Transformer, set_dropout, smdm_init_
 from smdm.objectives import make_objective
 from smdm.train import build_run, train
 
@@ -175,6 +175,68 @@ def test_ce_run_differs_from_elbo_run_only_through_the_loss(toy_data, tmp_path):
     sa = json.loads((tmp_path / "elbo" / "summary.json").read_text())
     sb = json.loads((tmp_path / "ce" / "summary.json").read_text())
     assert [sa[k] for k in summary_keys] == [sb[k] for k in summary_keys]
+
+
+# ------------------------------------------------------------------------------------------------ dropout
+
+def test_dropout_acts_in_training_only_and_keeps_the_expected_branch():
+    config = ModelConfig(name="t", block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    tokens = torch.randint(0, 64, (2, 16))
+    model.eval()
+    clean = model(tokens)
+    set_dropout(model, 0.3)
+    assert torch.equal(model(tokens), clean)  # evaluation and sampling never drop
+    model.train()
+    noisy = model(tokens)
+    assert not torch.allclose(noisy, clean)
+    block = model.blocks[0]
+    branch = torch.ones(4096, 32)
+    dropped = block._drop(branch)
+    kept = dropped != 0
+    assert 0.25 < 1 - kept.float().mean().item() < 0.35  # p = 0.3 of the entries zeroed ...
+    assert torch.allclose(dropped[kept], torch.full_like(dropped[kept], 1 / 0.7))  # ... the rest rescaled
+    set_dropout(model, 0.0)
+    assert torch.equal(model(tokens), model(tokens))  # off again: deterministic in training mode too
+    with pytest.raises(SmdmError, match="dropout"):
+        set_dropout(model, 1.0)
+
+
+@pytest.mark.parametrize("objective", ["mdm", "arm"])
+def test_dropout_run_keeps_data_masks_and_schedule_and_resumes_bit_exactly(toy_data, tmp_path, objective):
+    options = {"objective": objective, "save_every": 2, "max_steps": 5}
+    train(tiny_run(toy_data, tmp_path / "base", **options))
+    train(tiny_run(toy_data, tmp_path / "ref", dropout=0.2, **options))
+    train(tiny_run(toy_data, tmp_path / "cut", dropout=0.2, stop_after_steps=3, **options))
+    train(tiny_run(toy_data, tmp_path / "cut", dropout=0.2, resume=True, **options))
+    base, ref, cut = (load_file(tmp_path / name / "checkpoint" / "model.safetensors") for name in ("base", "ref", "cut"))
+    assert all(torch.equal(ref[k], cut[k]) for k in ref)  # the dropout masks are replayed by the resume
+    assert any(not torch.equal(base[k], ref[k]) for k in base)
+    meta = json.loads((tmp_path / "ref" / "checkpoint" / "config.json").read_text())
+    assert meta["dropout"] == 0.2 and "dropout" not in json.loads(
+        (tmp_path / "base" / "checkpoint" / "config.json").read_text())
+    a, b = build_run(tiny_run(toy_data, tmp_path / "a", **options), _info()), build_run(
+        tiny_run(toy_data, tmp_path / "b", dropout=0.2, **options), _info())
+    assert torch.equal(a.data.train.next_batch(4), b.data.train.next_batch(4))  # same data order and schedule
+    assert (a.total_steps, a.warmup) == (b.total_steps, b.warmup)
+    assert all(block.dropout == 0.2 for block in b.model.blocks) and all(block.dropout == 0 for block in a.model.blocks)
+
+
+def test_dropout_flag_reaches_the_config_and_bad_values_are_one_line_errors(toy_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", str(toy_data), "--out", str(out), "--model", "tiny-test",
+                           "--seq-len", "32", "--batch-size", "4", "--max-steps", "1", "--eval-blocks", "2",
+                           "--dropout", "0.1", "--no-progress")
+    assert code == 0, err
+    assert json.loads((out / "train_config.json").read_text())["dropout"] == 0.1
+    for bad in ("1", "-0.1", "nan"):
+        code, _, err = run_cli(capsys, "train", "--data", str(toy_data), "--out", str(tmp_path / "x"),
+                               "--dropout", bad, "--max-steps", "1")
+        assert_one_line_error(code, err, "--dropout")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SmdmError, match="dropout must lie"):
+        tiny_run(toy_data, tmp_path, max_steps=1, dropout=1.0).validate()
 
 
 # ------------------------------------------------------------------------------------------------ unique tokens
