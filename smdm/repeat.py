@@ -10,8 +10,9 @@ Language Models are Super Data Learners", arXiv 2511.03276):
 - the best-so-far frontier per family and U, and the crossover compute beyond which the MDM frontier stays below
   the ARM's, measured per U (all sizes) and per (U, model size) (Ni et al.: earlier for larger models);
 - the paper's closed-form critical compute C_crit(U) = 2.12e15 · U^2.174 FLOPs with U in millions of unique tokens,
-  for comparison (coefficients as recalled from the paper, not re-read: check them against its PDF; at CPU scale it
-  is an extrapolation far outside the range it was fitted on);
+  for comparison (checked against the paper's project page, diffusion-scaling.github.io, which writes it with U
+  in tokens as 2.12·10^1.956 · U^2.174: the same law, 15 − 6·2.174 = 1.956; at CPU scale it is an extrapolation far
+  outside the range it was fitted on);
 - the data-reuse half-life R_D* of each family, fitted as they do with Muennighoff et al. 2023's effective data
   D' = U + U·R_D*·(1 - exp(-R_D/R_D*)), R_D = epochs - 1 repetitions, in L = E + B / D'^beta (per family and
   model size, jointly over U). They report R_D* ≈ 500 epochs for diffusion and ≈ 15 for AR.
@@ -34,8 +35,8 @@ from smdm.objectives import make_objective, objective_names
 from smdm.scaling import PlannedRun, family_recipe, read_json_object, read_spec_fields
 
 MANIFEST_FORMAT = "smdm-repeat-manifest-1"
-# Prabhudesai et al. 2025: C_crit(U) = 2.12e15 · U^2.174, U in millions of unique tokens. As recalled from the paper
-# (the search corpus held only its first page): to be checked against the PDF before results are read against it.
+# Prabhudesai et al. 2025: C_crit(U) = 2.12e15 · U^2.174, U in millions of unique tokens; their project page
+# (diffusion-scaling.github.io) gives the same law with U in tokens: 2.12·10^1.956 · U^2.174, and R_D* ≈ 500 / 15.
 PAPER_CRIT_COEFF, PAPER_CRIT_EXPONENT = 2.12e15, 2.174
 PAPER_HALF_LIFE = {"mdm": 500.0, "arm": 15.0}  # R_D* in epochs, as they report
 

@@ -70,6 +70,8 @@ def test_best_so_far_and_crossover():
 def test_paper_critical_compute_units():
     assert paper_critical_compute(1e6) == pytest.approx(2.12e15)
     assert paper_critical_compute(100e6) == pytest.approx(2.12e15 * 100 ** 2.174)
+    # the project page's form, U in tokens: 2.12 x 10^1.956 x U^2.174 (the same law)
+    assert paper_critical_compute(25e6) == pytest.approx(2.12 * 10 ** 1.956 * 25e6 ** 2.174)
 
 
 def _spec(tmp_path, data_dir, **overrides) -> RepeatSpec:
