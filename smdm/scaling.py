@@ -386,7 +386,7 @@ def compute_gap(mdm: PowerLaw, arm: PowerLaw, flops: float) -> float:
     return mdm.inverse(float(arm(flops))) / flops
 
 
-def envelope_gap(results: list[RunResult], count: str) -> dict[str, Any] | None:
+def envelope_gap(results: list[RunResult], count: str, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any] | None:
     """The compute gap without IsoFLOP parabolas: each budget's best MDM run against the ARM's lower envelope.
 
     The ARM's envelope (its best run per budget) is fitted as L = A·C^-alpha; for the MDM's best run at each budget
@@ -394,17 +394,30 @@ def envelope_gap(results: list[RunResult], count: str) -> dict[str, Any] | None:
     exists where the MDM's IsoFLOP curves have no usable minimum (small MDMs on their unigram plateau, where the
     best run sits on the smallest size), and it reads the MDM's measured losses rather than a fitted law. `in_range`
     says whether the ARM's matching compute lies within its measured budgets (else the envelope is extrapolated).
+    `ci95`: a residual bootstrap of the envelope's log-log fit (its residuals, inflated for the 2 fitted
+    parameters, resampled onto the line and refitted), so it carries the ARM envelope's scatter, not the noise of
+    the MDM's own loss; None with fewer than 3 ARM budgets.
     """
     arm_runs, mdm_runs = best_per_budget(results, "arm"), best_per_budget(results, "mdm")
     if len(arm_runs) < 2 or not mdm_runs:
         return None
-    law = fit_power_law([r.flops[count] for r in arm_runs], [r.loss for r in arm_runs])
-    low, high = min(r.flops[count] for r in arm_runs), max(r.flops[count] for r in arm_runs)
+    arm_flops_, arm_loss = [r.flops[count] for r in arm_runs], [r.loss for r in arm_runs]
+    law = fit_power_law(arm_flops_, arm_loss)
+    low, high = min(arm_flops_), max(arm_flops_)
+    replicates: list[PowerLaw] = []
+    if len(arm_runs) > 2 and bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        fitted = np.log(np.asarray(law(np.asarray(arm_flops_))))
+        residuals = (np.log(arm_loss) - fitted) * math.sqrt(len(arm_runs) / (len(arm_runs) - 2))
+        for _ in range(bootstrap):
+            replicates.append(fit_power_law(arm_flops_, np.exp(fitted + rng.choice(residuals, len(residuals)))))
     points = []
     for run in mdm_runs:
         arm_flops = law.inverse(run.loss)
+        gaps = [run.flops[count] / r.inverse(run.loss) for r in replicates]
         points.append({"budget": run.budget, "mdm_run": run.name, "mdm_loss": run.loss, "mdm_flops": run.flops[count],
                        "arm_flops": arm_flops, "gap": run.flops[count] / arm_flops,
+                       "ci95": _interval([g for g in gaps if math.isfinite(g) and g > 0]),
                        "in_range": bool(low <= arm_flops <= high)})
     return {"arm_envelope": {"A": law.A, "alpha": law.alpha, "alpha_se": law.alpha_se,
                              "runs": [r.name for r in arm_runs]}, "points": points}
@@ -518,7 +531,7 @@ def fit_sweep(results: list[RunResult], count: str = "attention", irreducible: b
             why = gap_undetermined({f: samples[f].get(f"{c}:alpha", []) for f in ("arm", "mdm")})
             if why:
                 report["compute_gap_undetermined"][c] = why
-    report["compute_gap_envelope"] = {c: envelope_gap(results, c) for c in [count, *other]}
+    report["compute_gap_envelope"] = {c: envelope_gap(results, c, bootstrap, seed) for c in [count, *other]}
     report["bootstrap"] = {"replicates": bootstrap, "seed": seed, "method": "residual (pooled parabola residuals)"}
     return report
 

@@ -389,7 +389,9 @@ def fit_report(spec: SweepSpec, runs: list[PlannedRun], out: str | Path, data_di
         if envelope is not None:
             lines.append(f"compute gap MDM/ARM from the best runs ({count}; ARM lower envelope "
                          f"L = {envelope['arm_envelope']['A']:.4g} * C^-{envelope['arm_envelope']['alpha']:.4f}): "
-                         + ", ".join(f"{p['gap']:.1f}x at {p['budget']:.3g} (MDM {p['mdm_loss']:.3f}"
+                         + ", ".join(f"{p['gap']:.1f}x" + (f" [{p['ci95'][0]:.1f}, {p['ci95'][1]:.1f}]"
+                                                            if p.get("ci95") else "")
+                                     + f" at {p['budget']:.3g} (MDM {p['mdm_loss']:.3f}"
                                      + ("" if p["in_range"] else ", ARM extrapolated") + ")"
                                      for p in envelope["points"]))
     lines += [f"wrote {path}" for path in [out / "scaling.json", *plot_sweep(results, report, out, unigram)]]

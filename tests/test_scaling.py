@@ -181,6 +181,15 @@ def test_envelope_gap_reads_the_best_runs_without_parabolas():
     for point in gap["points"]:
         assert point["gap"] == pytest.approx(16, rel=1e-6) and point["mdm_run"].startswith("mdm-0-")
         assert point["in_range"] == (point["budget"] >= 16 * 1e17)
+        low, high = point["ci95"]  # the envelope of discrete sizes is nearly a power law: a narrow interval
+        assert low < 16 < high and high / low < 1.1
+    noisy_arm = [RunResult(r.name, r.objective, r.budget, r.n_params, r.tokens, r.flops,
+                           r.loss * (1.03 if r.budget == 1e19 else 1.0)) for r in arm]
+    for point in envelope_gap(noisy_arm + mdm, "attention")["points"]:  # a scattered envelope widens the interval
+        low, high = point["ci95"]
+        assert low < point["gap"] < high and high / low > 1.2
+    two_budgets = [r for r in arm if r.budget <= 1e18]
+    assert all(p["ci95"] is None for p in envelope_gap(two_budgets + mdm, "attention")["points"])
     flat = [RunResult(r.name, r.objective, r.budget, r.n_params, r.tokens, r.flops, 5.0 + 0.01 * (r.name[4] == "1"))
             for r in mdm]  # the middle size is worst at every budget: no IsoFLOP minimum, so no MDM law ...
     report = fit_sweep(arm + flat, bootstrap=10)
