@@ -401,16 +401,16 @@ def envelope_gap(results: list[RunResult], count: str, bootstrap: int = 1000, se
     arm_runs, mdm_runs = best_per_budget(results, "arm"), best_per_budget(results, "mdm")
     if len(arm_runs) < 2 or not mdm_runs:
         return None
-    arm_flops_, arm_loss = [r.flops[count] for r in arm_runs], [r.loss for r in arm_runs]
-    law = fit_power_law(arm_flops_, arm_loss)
-    low, high = min(arm_flops_), max(arm_flops_)
+    envelope_flops, envelope_loss = [r.flops[count] for r in arm_runs], [r.loss for r in arm_runs]
+    law = fit_power_law(envelope_flops, envelope_loss)
+    low, high = min(envelope_flops), max(envelope_flops)
     replicates: list[PowerLaw] = []
     if len(arm_runs) > 2 and bootstrap > 0:
         rng = np.random.default_rng(seed)
-        fitted = np.log(np.asarray(law(np.asarray(arm_flops_))))
-        residuals = (np.log(arm_loss) - fitted) * math.sqrt(len(arm_runs) / (len(arm_runs) - 2))
+        fitted = np.log(np.asarray(law(np.asarray(envelope_flops))))
+        residuals = (np.log(envelope_loss) - fitted) * math.sqrt(len(arm_runs) / (len(arm_runs) - 2))
         for _ in range(bootstrap):
-            replicates.append(fit_power_law(arm_flops_, np.exp(fitted + rng.choice(residuals, len(residuals)))))
+            replicates.append(fit_power_law(envelope_flops, np.exp(fitted + rng.choice(residuals, len(residuals)))))
     points = []
     for run in mdm_runs:
         arm_flops = law.inverse(run.loss)
