@@ -315,7 +315,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from smdm.plots import plot_runs
 
-    print(f"wrote {plot_runs(args.runs, args.out, x=args.x)}")
+    print(f"wrote {plot_runs(args.runs, args.out, x=args.x, training=not args.validation_only)}")
 
 
 # ----------------------------------------------------------------------------------------------------------- parser
@@ -409,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--x", choices=["steps", "tokens", "flops"], default="steps", help="the horizontal axis")
+    p.add_argument("--validation-only", action="store_true",
+                   help="leave out the training losses (an MDM trained with --loss-weighting ce or clipped rates "
+                        "logs a training loss that is not its ELBO)")
     p.set_defaults(func=cmd_plot)
 
     add_export_parser(sub)

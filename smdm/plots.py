@@ -69,37 +69,52 @@ def _flops_per_token(run_dir: Path) -> float:
                                   run.get("flops_count", "attention"))
 
 
-def _label(run_dir: Path) -> str:
+def _label(run_dir: Path, name: str | None = None) -> str:
     try:
         objective = json.loads((run_dir / "train_config.json").read_text()).get("objective", "")
     except (OSError, json.JSONDecodeError):
         objective = ""
-    return f"{objective.upper()} {run_dir.name}".strip()
+    return f"{objective.upper()} {name or run_dir.name}".strip()
 
 
-def run_curves(run: Path, x: str) -> tuple[str, list[float], list[float], list[float], list[float]]:
+def run_names(runs: list[Path]) -> list[str]:
+    """Each run's folder name, with as many parent folders as it takes to tell the runs apart (a study's runs share
+    names across studies: crossover-clip-wd1.0/mdm-tiny-1m-U25000-e256 beside crossover-clip/mdm-...)."""
+    resolved = [run.resolve() for run in runs]
+    for depth in range(1, max(len(run.parts) for run in resolved) + 1):
+        names = ["/".join(run.parts[-depth:]) for run in resolved]
+        if len(set(names)) == len(names):
+            return names
+    return [str(run) for run in runs]  # the same folder given twice
+
+
+def run_curves(run: Path, x: str, name: str | None = None) -> tuple[str, list[float], list[float], list[float],
+                                                                  list[float]]:
     """A run's label, training (x, loss) and validation (x, loss) points, x in steps, tokens or training FLOPs."""
     train_rows, val_rows = read_metrics(run)
     if not train_rows and not val_rows:
         raise SmdmError(f"{run}: metrics.jsonl has no rows yet")
     scale = _flops_per_token(run) if x == "flops" else 1.0
     key = "step" if x == "steps" else "tokens"
-    return (_label(run), [r[key] * scale for r in train_rows], [r["loss"] for r in train_rows],
+    return (_label(run, name), [r[key] * scale for r in train_rows], [r["loss"] for r in train_rows],
             [r[key] * scale for r in val_rows], [r["val_loss"] for r in val_rows])
 
 
-def plot_runs(runs: list[str | Path], out: str | Path, x: str = "steps") -> Path:
-    """Draw every run's training loss (thin) and validation loss (markers) against `x` into one PNG at `out`."""
+def plot_runs(runs: list[str | Path], out: str | Path, x: str = "steps", training: bool = True) -> Path:
+    """Draw every run's training loss (thin; unless `training` is False) and validation loss (markers) against `x`
+    into one PNG at `out`."""
     if x not in ("steps", "tokens", "flops"):
         raise SmdmError(f"unknown axis {x!r}; use steps, tokens or flops")
-    curves = [run_curves(Path(run), x) for run in runs]
+    paths = [Path(run) for run in runs]
+    curves = [run_curves(path, x, name) for path, name in zip(paths, run_names(paths), strict=True)]
     plt = pyplot()
     if plt is None:
         raise SmdmError("smdm plot needs matplotlib: pip install 'smdm[plot]'")
     figure, axes = plt.subplots(figsize=(8, 5))
     for index, (label, tx, ty, vx, vy) in enumerate(curves):
         color = f"C{index}"
-        axes.plot(tx, ty, color=color, alpha=0.45, linewidth=1, label=f"{label} train")
+        if training:
+            axes.plot(tx, ty, color=color, alpha=0.45, linewidth=1, label=f"{label} train")
         if vx:
             axes.plot(vx, vy, color=color, marker="o", linewidth=2, label=f"{label} validation")
     axes.set_xlabel({"steps": "optimizer steps", "tokens": "training tokens", "flops": "training FLOPs"}[x])

@@ -7,6 +7,7 @@ import argparse
 import itertools
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -239,6 +240,30 @@ def test_plot_draws_both_families(two_runs, tmp_path, capsys, axis):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     code, _, err = run_cli(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "x.png"))
     assert_one_line_error(code, err, "no metrics.jsonl")
+
+
+def test_plot_labels_runs_of_the_same_name_by_their_study(two_runs, tmp_path, capsys, monkeypatch):
+    from smdm.plots import run_names
+
+    other = tmp_path / "study-b" / "mdm"
+    shutil.copytree(two_runs / "mdm", other)
+    assert run_names([two_runs / "mdm", two_runs / "arm"]) == ["mdm", "arm"]
+    assert run_names([two_runs / "mdm", other]) == [f"{two_runs.name}/mdm", "study-b/mdm"]
+    pytest.importorskip("matplotlib")
+    import smdm.plots
+
+    drawn = {}
+
+    def keep_labels(figure, out):
+        drawn[out.name] = [line.get_label() for line in figure.axes[0].get_lines()]
+        return out
+
+    monkeypatch.setattr(smdm.plots, "save_figure", keep_labels)
+    for name, flags in (("both.png", []), ("validation.png", ["--validation-only"])):
+        code, _, err = run_cli(capsys, "plot", str(two_runs / "mdm"), str(other), "--out", str(tmp_path / name), *flags)
+        assert code == 0, err
+    assert drawn["validation.png"] == [f"MDM {two_runs.name}/mdm validation", "MDM study-b/mdm validation"]
+    assert len(drawn["both.png"]) == 4 and f"MDM {two_runs.name}/mdm train" in drawn["both.png"]
 
 
 def test_plot_counts_each_family_s_training_flops_as_its_summary_does(two_runs, toy_data, tmp_path):
