@@ -295,7 +295,7 @@ def check_prompts(model: Transformer, prompts: list[list[int]], length: int) -> 
     longest = max(len(p) for p in prompts)
     if longest > prompt_room(model, length):
         raise ContextLengthError(f"prompt ({longest}) + generation ({length}) tokens exceed the context length "
-                        f"{model.config.block_size}; shorten the prompt or the length")
+                                 f"{model.config.block_size}; shorten the prompt or the length")
     if model.causal and min(len(p) for p in prompts) < 1:
         raise SmdmError("an ARM needs a prompt of at least one token (start unconditional samples with EOS)")
     check_shifted_context(model, min(len(p) for p in prompts), "a prompt of at least one token (e.g. BOS)")

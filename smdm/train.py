@@ -248,18 +248,14 @@ def budget_flops_per_token(objective: Objective, model_config: ModelConfig, seq_
     return objective.compute_factor * flops_per_token(model_config, seq_len, count)
 
 
-def step_seed(seed: int, step: int, micro: int, rank: int = 0) -> int:
-    """The seed of one micro-batch's random stream: a pure function of (seed, step, micro, rank)."""
-    return ((seed * 1_000_003 + step) * 1_009 + micro) * 131 + rank
-
-
 def step_generator(seed: int, step: int, micro: int, rank: int = 0) -> torch.Generator:
-    """The random stream of one micro-batch (data cuts, times, masks), so a resume replays it."""
-    return torch.Generator().manual_seed(step_seed(seed, step, micro, rank))
+    """The random stream of one micro-batch (data cuts, times, masks): a pure function of (seed, step, micro, rank),
+    so a resume replays it."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 131 + rank)
 
 
 # Dropout draws from torch's global RNG (on the model's device); it is seeded per micro-batch from this offset of
-# the step seed, so its masks are replayed by a resume on any device and never repeat the masking stream's numbers.
+# the micro-batch generator's seed, so its masks are replayed by a resume on any device and never repeat the masking stream's numbers.
 DROPOUT_SEED_OFFSET = 0x9E3779B97F4A7C15
 
 
@@ -535,8 +531,7 @@ class Run:
             # Keyed by the global micro-batch index, so N ranks x k micro-batches replay 1 rank x N·k exactly.
             generator = step_generator(config.seed, step, micro * info.world_size + info.rank)
             if config.dropout:
-                torch.manual_seed((step_seed(config.seed, step, micro * info.world_size + info.rank)
-                                   + DROPOUT_SEED_OFFSET) % 2**64)
+                torch.manual_seed((generator.initial_seed() + DROPOUT_SEED_OFFSET) % 2**64)
             prompt_lengths = None
             if self.data.sft:
                 tokens, prompt_lengths = self.data.train.next_batch(config.batch_size)
